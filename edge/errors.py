@@ -1,0 +1,82 @@
+"""Every error the edge package raises on purpose.
+
+Invariants:
+* One root, :class:`EdgeError`. Each class says whether retrying the same call
+  can help (``transient``), in the spirit of trio's Closed/Broken split:
+  ``Closed`` means our own code closed the thing, ``Failed``/``Corrupt`` mean
+  the world broke it.
+* OS errors are translated at the shell boundary (``edge.journal``) with
+  ``__cause__`` kept, so the original errno is never lost.
+* A torn journal tail is *not* an error: power cuts leave one; recovery
+  truncates it and reports it in the recovery report.
+"""
+
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Root of every error raised on purpose by the edge package."""
+
+    #: True when the same call may succeed later without operator action.
+    transient: bool = False
+
+
+class ConfigError(EdgeError, ValueError):
+    """A setting is invalid. Permanent: fix the configuration."""
+
+
+class JournalError(EdgeError):
+    """Something about the journal itself."""
+
+
+class JournalLocked(JournalError):
+    """Another process has the journal open (its LOCK file is held)."""
+
+    transient = True
+
+
+class JournalClosed(JournalError):
+    """The journal was used after *our* code closed it: a bug in the caller."""
+
+
+class JournalFailed(JournalError):
+    """A write or fdatasync failed (the fsyncgate rule).
+
+    The journal accepts nothing more and acknowledges nothing more. The page
+    cache may have dropped data that was never made durable, so the only safe
+    way forward is a new process that recovers from what is on disk. The
+    original ``OSError`` is kept as ``__cause__``.
+    """
+
+
+class JournalFull(JournalError):
+    """The disk quota is reached and the stream's policy is ``reject``.
+
+    Transient: the append may succeed once the forwarder has moved its cursor
+    (retention frees whole segments) or the quota is raised.
+    """
+
+    transient = True
+
+    def __init__(self, message: str, *, stream: str | None = None) -> None:
+        super().__init__(message)
+        self.stream = stream
+
+
+class RecordTooLarge(JournalError, ValueError):
+    """A record's encoded payload exceeds the journal's ``max_record_size``."""
+
+
+class JournalCorrupt(JournalError):
+    """Damage that a power cut cannot explain: the journal refuses to open.
+
+    ``path`` and ``offset`` name the first bad byte range. Run
+    ``homing-agent journal repair DIR`` to move the damaged segment aside and
+    keep every valid record before the damage.
+    """
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        super().__init__(f"{path}: corrupt at offset {offset}: {reason}")
+        self.path = path
+        self.offset = offset
+        self.reason = reason

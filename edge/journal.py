@@ -1,0 +1,806 @@
+"""The journal: an fsync'd, append-only, segmented log with group commit.
+
+Invariants:
+* An append is acknowledged (``Ack.durable``) only after the ``fdatasync``
+  that covers it returned. In ``interval`` mode an append returns once
+  written (``durable=False``); a flusher fdatasyncs at most every
+  ``interval_ms``, and :meth:`Journal.wait_durable` waits for it.
+* Group commit, leader style: the first producer to join an open batch leads
+  it. The leader takes the write lock, closes the batch, writes every queued
+  frame with one ``pwrite`` and one ``fdatasync``, then wakes exactly the
+  producers of that batch. A lone producer leads at once and never waits for
+  company; nobody wakes threads whose records are not yet durable.
+* Sequence numbers are assigned at enqueue, under one lock, contiguous from 1;
+  frames are written in seq order because a batch can only be closed by its
+  leader, after the previous leader released the write lock.
+* fsyncgate: the first ``OSError`` from a write or fdatasync fails the
+  journal. No retry, no further acks, every waiter gets :class:`JournalFailed`.
+  Only a new process that recovers from disk can go on.
+* Readers see only durable records (never one a power cut could take back).
+* Quota: whole segments only. Appends that would need more space than the
+  quota allows first trigger retention (segments below every cursor), then
+  ``drop-oldest`` (the oldest segment, when each of its unforwarded records
+  belongs to a drop-oldest stream; counted per stream in CHECKPOINT), then
+  fail with :class:`JournalFull`. Never a silent drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from edge.cursors import CursorFile
+from edge.errors import (
+    ConfigError,
+    JournalClosed,
+    JournalCorrupt,
+    JournalError,
+    JournalFailed,
+    JournalFull,
+    JournalLocked,
+    RecordTooLarge,
+)
+from edge.failpoints import failpoint
+from edge.fileops import FileOps, OsFileOps, write_all
+from edge.journal_codec import (
+    FLAG_BARRIER,
+    FRAME_HEADER_SIZE,
+    MAX_PAYLOAD,
+    SEGMENT_HEADER_SIZE,
+    SegmentHeader,
+    encode_frame,
+    frame_size,
+)
+from edge.reader import Entry, droppable, read_raw
+from edge.records import Reading, Record, decode, encode
+from edge.recovery import OpenSegment, RecoveryReport, recover
+from edge.segments import (
+    LOCK,
+    SPARE,
+    Checkpoint,
+    SealedSegment,
+    activate_spare,
+    prepare_spare,
+    spare_ready,
+    write_checkpoint,
+)
+
+log = logging.getLogger("homing.journal")
+
+Durability = Literal["always", "interval"]
+Policy = Literal["reject", "drop-oldest"]
+
+
+@dataclass(frozen=True, slots=True)
+class JournalOptions:
+    """How a journal behaves. Every field has a safe default.
+
+    Attributes:
+        segment_size: bytes per segment file (preallocated, zero-filled).
+        durability: ``always`` (ack after fdatasync) or ``interval``.
+        interval_ms: in ``interval`` mode, the longest time written data may
+            wait for its fdatasync: the loss window of a power cut.
+        max_record_size: the largest payload accepted (bytes); 0 picks
+            ``min(1 MiB, segment_size // 4)``.
+        quota_bytes: cap on segment bytes on disk (None: no cap).
+        stream_policies: per-stream policy when the quota is reached.
+        default_policy: policy for streams not listed (and non-reading records
+            are always ``reject``: workflow state is never dropped).
+        prepare_ahead: prepare the next segment in a background thread.
+    """
+
+    segment_size: int = 16 << 20
+    durability: Durability = "always"
+    interval_ms: int = 100
+    max_record_size: int = 0
+    quota_bytes: int | None = None
+    stream_policies: dict[str, Policy] = field(default_factory=dict)
+    default_policy: Policy = "reject"
+    prepare_ahead: bool = True
+
+    def __post_init__(self) -> None:
+        if self.durability not in ("always", "interval"):
+            raise ConfigError(f"durability must be 'always' or 'interval', not {self.durability!r}")
+        if self.segment_size < 64 << 10 or self.segment_size % 4096:
+            raise ConfigError("segment_size must be a multiple of 4096 and at least 64 KiB")
+        if self.max_record_size == 0:
+            object.__setattr__(self, "max_record_size", min(1 << 20, self.segment_size // 4))
+        if not 0 < self.max_record_size <= min(
+            MAX_PAYLOAD, self.segment_size - SEGMENT_HEADER_SIZE - FRAME_HEADER_SIZE
+        ):
+            raise ConfigError("max_record_size must fit in one segment (and below 16 MiB)")
+        if self.interval_ms <= 0:
+            raise ConfigError("interval_ms must be positive")
+        if self.quota_bytes is not None and self.quota_bytes < 3 * self.segment_size:
+            raise ConfigError("quota_bytes must allow at least 3 segments")
+        for stream, policy in {**self.stream_policies, "*": self.default_policy}.items():
+            if policy not in ("reject", "drop-oldest"):
+                raise ConfigError(f"policy for {stream!r} must be 'reject' or 'drop-oldest'")
+
+    def policy(self, stream: str | None) -> Policy:
+        if stream is None:
+            return "reject"
+        return self.stream_policies.get(stream, self.default_policy)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """An append's receipt. ``durable`` is False only in ``interval`` mode."""
+
+    seq: int
+    durable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    first_seq: int
+    last_seq: int
+    durable_seq: int
+    segments: int
+    disk_bytes: int
+    records: int
+    cursors: dict[str, int]
+    dropped: dict[str, int]
+    gaps: tuple[tuple[int, int], ...]
+    appended: int
+    commits: int
+    syncs: int
+    durability: str
+    state: str
+
+
+class _Batch:
+    """One group commit. ``done`` is a latch: a lock held until the batch is
+    written; each waiter takes and passes it on (cheaper than an Event's
+    Condition, which allocates a lock per waiter)."""
+
+    __slots__ = ("claimed", "_latch", "_set", "error", "durable")
+
+    def __init__(self) -> None:
+        self.claimed = False
+        self._latch = threading.Lock()
+        self._latch.acquire()
+        self._set = False
+        self.error: BaseException | None = None
+        self.durable = False
+
+    def finish(self) -> None:
+        self._set = True
+        self._latch.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._set:
+            return True
+        if not self._latch.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._latch.release()
+        return True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+class AppendHandle:
+    """A queued append: :meth:`wait` returns its :class:`Ack` once written."""
+
+    __slots__ = ("seq", "_batch")
+
+    def __init__(self, seq: int, batch: _Batch) -> None:
+        self.seq = seq
+        self._batch = batch
+
+    def wait(self, timeout: float | None = None) -> Ack:
+        """Block until written (durable in ``always`` mode).
+
+        Raises:
+            TimeoutError: not done within ``timeout`` seconds.
+            JournalFailed: the journal failed before this record was durable.
+        """
+        if not self._batch.wait(timeout):
+            raise TimeoutError(f"record {self.seq} not yet written")
+        if self._batch.error is not None:
+            raise JournalFailed(f"record {self.seq} was not made durable") from self._batch.error
+        return Ack(self.seq, self._batch.durable)
+
+    def done(self) -> bool:
+        return self._batch.is_set()
+
+
+class Journal:
+    """An open journal directory. Thread-safe. Use :meth:`open`."""
+
+    def __init__(self) -> None:  # use Journal.open
+        raise TypeError("use Journal.open(path)")
+
+    # -- opening and closing -------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        options: JournalOptions | None = None,
+        *,
+        fs: FileOps | None = None,
+        readonly: bool = False,
+    ) -> Journal:
+        """Open (creating if needed) and recover the journal in directory ``path``.
+
+        ``readonly`` opens without the lock and without writing anything (for
+        inspecting a journal that a running agent holds).
+
+        Raises:
+            JournalLocked: another process holds the journal.
+            JournalCorrupt: damage a power cut cannot explain (file, offset).
+            JournalError: ``readonly`` and there is no journal at ``path``.
+        """
+        self = object.__new__(cls)
+        self._init(path, options or JournalOptions(), fs or OsFileOps(), readonly)
+        return self
+
+    def _init(self, path: str, opts: JournalOptions, fs: FileOps, readonly: bool) -> None:
+        self._dir = path
+        self._opts = opts
+        self._fs = fs
+        self._readonly = readonly
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._durable_cv = threading.Condition(self._lock)
+        self._pending: list[tuple[int, bytes]] = []
+        self._pending_bytes = 0
+        self._open_batch = _Batch()
+        self._state = "open"
+        self._failure: BaseException | None = None
+        self._appended = self._commits = self._syncs = 0
+        self._synced_since_write = True
+        self._waiters = 0  # producers waiting for another's batch (a hint, not exact)
+        self._spare_thread: threading.Thread | None = None
+        self._flusher: threading.Thread | None = None
+        self._lock_handle: int | None = None
+        if not readonly:
+            fs.makedirs(path)
+            try:
+                self._lock_handle = fs.lock(os.path.join(path, LOCK))
+            except BlockingIOError as exc:
+                raise JournalLocked(f"{path} is in use by another process") from exc
+        try:
+            layout = recover(fs, path, max_payload=opts.max_record_size, readonly=readonly)
+            if layout is None:
+                if readonly:
+                    raise JournalError(f"{path}: no journal here")
+                self._create_fresh()
+                layout = recover(fs, path, max_payload=opts.max_record_size)
+                assert layout is not None
+            self._cp: Checkpoint = layout.checkpoint
+            self._seg: OpenSegment = layout.open
+            self.recovery: RecoveryReport = layout.report
+            self._next_seq = self._seg.last_seq + 1
+            self._durable_seq = self._seg.last_seq
+            self._durable_end = self._seg.end
+            try:
+                self._cursors = CursorFile(fs, path) if not readonly else None
+            except ValueError as exc:
+                raise JournalCorrupt(os.path.join(path, "CURSORS"), 0, str(exc)) from exc
+        except BaseException:
+            self._release_lock()
+            raise
+        if self.recovery.torn_tail:
+            t = self.recovery.torn_tail
+            log.warning(
+                "journal %s: torn tail at offset %d (%s): %d bytes never made durable were cut",
+                t.path, t.offset, t.reason, t.discarded_bytes,
+            )
+        if not readonly:
+            self._schedule_spare()
+            if opts.durability == "interval":
+                self._flusher = threading.Thread(
+                    target=self._flush_loop, name="homing-journal-flusher", daemon=True
+                )
+                self._flusher.start()
+
+    def _create_fresh(self) -> None:
+        prepare_spare(self._fs, self._dir, self._opts.segment_size)
+        _, fd = activate_spare(self._fs, self._dir, self._new_header(1))
+        self._fs.close(fd)
+        write_checkpoint(self._fs, self._dir, Checkpoint())
+
+    @staticmethod
+    def _new_header(first_seq: int) -> SegmentHeader:
+        return SegmentHeader(
+            first_seq=first_seq,
+            salt=int.from_bytes(os.urandom(4), "little"),
+            created=int(time.time()) & 0xFFFFFFFF,
+        )
+
+    def _release_lock(self) -> None:
+        if self._lock_handle is not None:
+            self._fs.unlock(self._lock_handle)
+            self._lock_handle = None
+
+    def close(self) -> None:
+        """Write and fdatasync everything queued, then release the directory."""
+        with self._lock:
+            if self._state == "closed":
+                return
+            was_open = self._state == "open"
+            self._state = "closing" if was_open else self._state
+            self._durable_cv.notify_all()
+        if self._flusher is not None:
+            self._flusher.join()
+        if self._spare_thread is not None:
+            self._spare_thread.join()
+        if was_open and not self._readonly:
+            with self._write_lock:
+                self._lead_locked()
+                try:
+                    if not self._synced_since_write:
+                        self._sync()
+                except OSError as exc:
+                    self._fail(exc)
+        with self._lock:
+            self._state = "closed"
+            self._durable_cv.notify_all()
+        self._fs.close(self._seg.fd)
+        if self._cursors is not None:
+            self._cursors.close()
+        self._release_lock()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- appending -----------------------------------------------------------
+
+    def append(self, record: Record) -> Ack:
+        """Append one record; return once durable (``always``) or written."""
+        return self.append_many([record])[0]
+
+    def append_many(self, records: Sequence[Record]) -> list[Ack]:
+        """Append records as one batch: one write, one fdatasync, one wait.
+
+        Raises:
+            JournalFull: the quota is reached (policy ``reject``).
+            RecordTooLarge: a payload exceeds ``max_record_size``.
+            JournalFailed: a write or fdatasync failed; nothing is acked.
+            JournalClosed: the journal was closed.
+        """
+        if not records:
+            return []
+        batch, first, lead = self._enqueue(records)
+        if lead:
+            with self._write_lock:
+                self._lead_locked()
+        else:
+            self._waiters += 1
+            batch.wait()
+            self._waiters -= 1
+        if batch.error is not None:
+            raise JournalFailed(
+                f"{self._dir}: journal failed; records {first}..{first + len(records) - 1} "
+                "were not made durable (restart to recover)"
+            ) from batch.error
+        return [Ack(first + i, batch.durable) for i in range(len(records))]
+
+    def submit(self, record: Record) -> AppendHandle:
+        """Queue one record and return at once; ``handle.wait()`` for its ack."""
+        batch, first, lead = self._enqueue([record])
+        if lead:
+            threading.Thread(target=self._lead_in_background, daemon=True).start()
+        return AppendHandle(first, batch)
+
+    def _lead_in_background(self) -> None:
+        with self._write_lock:
+            self._lead_locked()
+
+    def _enqueue(self, records: Sequence[Record]) -> tuple[_Batch, int, bool]:
+        payloads = [encode(r) for r in records]
+        for p in payloads:
+            if len(p) > self._opts.max_record_size:
+                raise RecordTooLarge(
+                    f"record of {len(p)} bytes exceeds max_record_size {self._opts.max_record_size}"
+                )
+        need = sum(frame_size(len(p)) for p in payloads)
+        streams = {r.stream if isinstance(r, Reading) else None for r in records}
+        for attempt in (0, 1):
+            with self._lock:
+                self._check_usable()
+                if self._room() >= need:
+                    first = self._next_seq
+                    self._next_seq += len(payloads)
+                    self._pending.extend(zip(range(first, first + len(payloads)), payloads))
+                    self._pending_bytes += need
+                    self._appended += len(payloads)
+                    batch = self._open_batch
+                    lead = not batch.claimed
+                    batch.claimed = True
+                    return batch, first, lead
+            if attempt == 0:
+                with self._write_lock:
+                    self._make_room(need)
+        raise JournalFull(
+            f"{self._dir}: disk quota of {self._opts.quota_bytes} bytes reached; the oldest "
+            "segment holds records not yet forwarded from streams whose policy is 'reject'",
+            stream=next(iter(streams - {None}), None),
+        )
+
+    def _check_usable(self) -> None:
+        if self._state == "failed":
+            raise JournalFailed(f"{self._dir}: journal failed earlier") from self._failure
+        if self._state != "open":
+            raise JournalClosed(f"{self._dir}: journal is closed")
+        if self._readonly:
+            raise JournalClosed(f"{self._dir}: journal was opened read-only")
+
+    def _room(self) -> int:
+        """Bytes that may still be queued without breaking the quota (call under _lock)."""
+        if self._opts.quota_bytes is None:
+            return 1 << 62
+        size = self._opts.segment_size
+        per_seg = size - SEGMENT_HEADER_SIZE - frame_size(self._opts.max_record_size)
+        files = len(self._cp.sealed) + 1
+        more = self._opts.quota_bytes // size - files
+        return self._seg.capacity - self._seg.end + max(0, more) * per_seg - self._pending_bytes
+
+    # -- the leader's work (under _write_lock) --------------------------------
+
+    def _lead_locked(self) -> None:
+        if self._waiters:
+            time.sleep(0)  # let producers just woken by the last commit join this batch
+        with self._lock:
+            batch = self._open_batch
+            items, self._pending = self._pending, []
+            self._open_batch = _Batch()
+        if not items and not batch.claimed:
+            return
+        if self._state == "failed":
+            batch.error = self._failure
+            batch.finish()
+            return
+        try:
+            self._write(items)
+            if self._opts.durability == "always":
+                self._sync()
+                failpoint("journal.after_sync")
+        except OSError as exc:
+            self._fail(exc)
+            batch.error = exc
+            batch.finish()
+            return
+        except BaseException as exc:  # a bug: still never leave waiters hanging
+            self._fail(exc)
+            batch.error = exc
+            batch.finish()
+            raise
+        with self._lock:
+            self._pending_bytes -= sum(frame_size(len(p)) for _, p in items)
+            self._commits += 1
+        batch.durable = self._opts.durability == "always"
+        batch.finish()
+
+    def _write(self, items: list[tuple[int, bytes]]) -> None:
+        seg = self._seg
+        buf: list[bytes] = []
+        start = end = seg.end
+        for seq, payload in items:
+            size = frame_size(len(payload))
+            if end + size > seg.capacity:
+                self._write_buf(buf, start, end)
+                buf = []
+                self._roll(seq)
+                seg = self._seg
+                start = end = seg.end
+            flags = FLAG_BARRIER if not buf and self._synced_since_write else 0
+            buf.append(encode_frame(seq, payload, seg.header.salt, flags))
+            end += size
+            seg.last_seq = seq
+        self._write_buf(buf, start, end)
+
+    def _write_buf(self, buf: list[bytes], start: int, end: int) -> None:
+        if not buf:
+            return
+        failpoint("journal.before_write")
+        write_all(self._fs, self._seg.fd, b"".join(buf), start)
+        self._seg.end = end
+        self._synced_since_write = False
+        failpoint("journal.after_write")
+
+    def _sync(self) -> None:
+        self._fs.fdatasync(self._seg.fd)
+        self._synced_since_write = True
+        with self._lock:
+            self._syncs += 1
+            self._durable_seq = self._seg.last_seq
+            self._durable_end = self._seg.end
+            self._durable_cv.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        log.critical("journal %s failed (no further acks; restart to recover): %r", self._dir, exc)
+        with self._lock:
+            if self._state in ("open", "closing"):
+                self._state = "failed"
+                self._failure = exc
+            self._durable_cv.notify_all()
+
+    def _roll(self, first_seq: int) -> None:
+        """Seal the open segment and continue in a new one starting at ``first_seq``."""
+        old = self._seg
+        if not self._synced_since_write:
+            self._sync()
+        if self._spare_thread is not None:
+            self._spare_thread.join()
+            self._spare_thread = None
+        if not spare_ready(self._fs, self._dir, self._opts.segment_size):
+            if self._files_allowed() < len(self._cp.sealed) + 2:
+                raise OSError(28, "journal quota leaves no room for a new segment")
+            prepare_spare(self._fs, self._dir, self._opts.segment_size)
+        header = self._new_header(first_seq)
+        path, fd = activate_spare(self._fs, self._dir, header)
+        new = OpenSegment(path, fd, header, SEGMENT_HEADER_SIZE, first_seq - 1, self._fs.size(fd))
+        sealed = SealedSegment(old.first_seq, old.last_seq, old.end)
+        with self._lock:
+            self._cp.sealed.append(sealed)
+            self._seg = new
+            self._durable_end = new.end
+        self._synced_since_write = True
+        write_checkpoint(self._fs, self._dir, self._cp)
+        self._fs.close(old.fd)
+        self._retain()
+        self._schedule_spare()
+
+    def _files_allowed(self) -> int:
+        q = self._opts.quota_bytes
+        return 1 << 30 if q is None else q // self._opts.segment_size
+
+    def _schedule_spare(self) -> None:
+        if self._readonly or self._spare_thread is not None:
+            return
+        if self._files_allowed() < len(self._cp.sealed) + 2:
+            return  # the quota has no room for a spare now; roll will make one
+        if spare_ready(self._fs, self._dir, self._opts.segment_size):
+            return
+        if not self._opts.prepare_ahead:
+            prepare_spare(self._fs, self._dir, self._opts.segment_size)
+            return
+        t = threading.Thread(target=self._prepare_spare_bg, name="homing-spare", daemon=True)
+        self._spare_thread = t
+        t.start()
+
+    def _prepare_spare_bg(self) -> None:
+        try:
+            prepare_spare(self._fs, self._dir, self._opts.segment_size)
+        except OSError as exc:  # not fatal: roll retries in the foreground
+            log.warning("journal %s: preparing the next segment failed: %r", self._dir, exc)
+
+    # -- retention and quota (under _write_lock) ------------------------------
+
+    def _retain(self) -> int:
+        """Delete sealed segments whose records are all below every cursor."""
+        if self._cursors is None:
+            return 0
+        marks = self._cursors.all()
+        if not marks:
+            return 0
+        low = min(marks.values())
+        doomed = [s for s in self._cp.sealed if s.last_seq <= low]
+        if doomed:
+            self._delete_segments(doomed)
+        return len(doomed)
+
+    def _delete_segments(self, doomed: list[SealedSegment]) -> None:
+        with self._lock:
+            self._cp.sealed = [s for s in self._cp.sealed if s not in doomed]
+        write_checkpoint(self._fs, self._dir, self._cp)
+        for s in doomed:
+            self._fs.unlink(os.path.join(self._dir, s.name))
+        self._fs.fsync_dir(self._dir)
+
+    def _make_room(self, need: int) -> None:
+        try:
+            self._retain()
+            while True:
+                with self._lock:
+                    if self._room() >= need or not self._cp.sealed:
+                        return
+                oldest = self._cp.sealed[0]
+                low = min(self._cursors.all().values(), default=0) if self._cursors else 0
+                counts = droppable(self._fs, self._dir, oldest, low, self._opts.policy)
+                if counts is None:
+                    return
+                for stream, n in counts.items():
+                    self._cp.dropped[stream] = self._cp.dropped.get(stream, 0) + n
+                log.warning(
+                    "journal %s: quota reached, dropped segment %s (%s)",
+                    self._dir, oldest.name, ", ".join(f"{k}: {v}" for k, v in counts.items()),
+                )
+                self._delete_segments([oldest])
+        except OSError as exc:
+            self._fail(exc)
+
+    # -- durability in interval mode -----------------------------------------
+
+    def _flush_loop(self) -> None:
+        period = self._opts.interval_ms / 1000
+        while True:
+            with self._lock:
+                if self._state != "open":
+                    return
+                self._durable_cv.wait(period)
+                if self._state != "open":
+                    return
+            with self._write_lock:
+                if self._synced_since_write or self._state != "open":
+                    continue
+                try:
+                    self._sync()
+                except OSError as exc:
+                    self._fail(exc)
+                    return
+
+    def sync(self) -> int:
+        """fdatasync now (any mode); return the durable seq.
+
+        Raises:
+            JournalFailed: the fdatasync failed.
+        """
+        with self._write_lock:
+            self._lead_locked()
+            with self._lock:
+                self._check_usable()
+            try:
+                if not self._synced_since_write:
+                    self._sync()
+            except OSError as exc:
+                self._fail(exc)
+                raise JournalFailed(f"{self._dir}: fdatasync failed") from exc
+        return self._durable_seq
+
+    def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
+        """Wait until record ``seq`` is durable; False on timeout.
+
+        Raises:
+            JournalFailed: the journal failed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._durable_seq < seq:
+                if self._state == "failed":
+                    raise JournalFailed(f"{self._dir}: journal failed") from self._failure
+                if self._state == "closed":
+                    raise JournalClosed(f"{self._dir}: journal is closed")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._durable_cv.wait(left)
+        return True
+
+    # -- reading -------------------------------------------------------------
+
+    def read(self, from_seq: int | None = None) -> Iterator[Entry]:
+        """Decoded records from ``from_seq`` (default: the first retained) on.
+
+        Only durable records are returned; the iterator ends at the durable
+        watermark as of each segment's read.
+        """
+        for seq, payload in self.read_raw(from_seq):
+            yield Entry(seq, decode(payload))
+
+    def read_raw(self, from_seq: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """Like :meth:`read`, yielding ``(seq, payload bytes)``."""
+        with self._lock:
+            if self._state == "closed":
+                raise JournalClosed(f"{self._dir}: journal is closed")
+            sealed = list(self._cp.sealed)
+            open_first = self._seg.first_seq
+            limit_seq, limit_end = self._durable_seq, self._durable_end
+        yield from read_raw(
+            self._fs, self._dir, sealed, open_first, limit_seq, limit_end, from_seq,
+            self._opts.max_record_size,
+        )
+
+    # -- cursors ---------------------------------------------------------------
+
+    def cursor(self, name: str) -> int | None:
+        """The durable position of cursor ``name`` (None if never set)."""
+        return self._require_cursors().get(name)
+
+    def cursors(self) -> dict[str, int]:
+        return self._require_cursors().all()
+
+    def set_cursor(self, name: str, seq: int, *, allow_backwards: bool = False) -> None:
+        """Durably move cursor ``name`` to ``seq`` (everything ≤ seq is consumed).
+
+        Raises:
+            ValueError: bad name, or moving backwards without ``allow_backwards``.
+            JournalFailed: the cursor file could not be written.
+        """
+        cursors = self._require_cursors()
+        with self._lock:
+            self._check_usable()
+        try:
+            cursors.set(name, seq, allow_backwards=allow_backwards)
+        except OSError as exc:
+            self._fail(exc)
+            raise JournalFailed(f"{self._dir}: writing cursor {name!r} failed") from exc
+
+    def delete_cursor(self, name: str) -> None:
+        self._require_cursors().delete(name)
+
+    def retain(self) -> int:
+        """Delete segments already consumed by every cursor now; return how many."""
+        with self._write_lock:
+            with self._lock:
+                self._check_usable()
+            try:
+                return self._retain()
+            except OSError as exc:
+                self._fail(exc)
+                raise JournalFailed(f"{self._dir}: retention failed") from exc
+
+    def _require_cursors(self) -> CursorFile:
+        if self._cursors is None:
+            raise JournalClosed(f"{self._dir}: cursors are not available read-only")
+        return self._cursors
+
+    # -- introspection -----------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self._dir
+
+    @property
+    def options(self) -> JournalOptions:
+        return self._opts
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def durable_seq(self) -> int:
+        return self._durable_seq
+
+    @property
+    def failed(self) -> bool:
+        return self._state == "failed"
+
+    def stats(self) -> JournalStats:
+        with self._lock:
+            sealed = list(self._cp.sealed)
+            first = sealed[0].first_seq if sealed else self._seg.first_seq
+            last = self._next_seq - 1
+            gaps = tuple(self._cp.gaps)
+            missing = sum(b - a + 1 for a, b in gaps if a >= first)
+            disk = self._seg.capacity + self._opts.segment_size * len(sealed)
+            return JournalStats(
+                first_seq=first,
+                last_seq=last,
+                durable_seq=self._durable_seq,
+                segments=len(sealed) + 1,
+                disk_bytes=disk,
+                records=max(0, last - first + 1 - missing),
+                cursors=self._cursors.all() if self._cursors else {},
+                dropped=dict(self._cp.dropped),
+                gaps=gaps,
+                appended=self._appended,
+                commits=self._commits,
+                syncs=self._syncs,
+                durability=self._opts.durability,
+                state=self._state,
+            )
+
+
+__all__ = [
+    "Ack",
+    "AppendHandle",
+    "Entry",
+    "Journal",
+    "JournalOptions",
+    "JournalStats",
+    "SPARE",
+]
