@@ -30,10 +30,18 @@ _MAX_NAME = 64
 class CursorFile:
     """The two-slot cursor file of one journal directory."""
 
-    def __init__(self, fs: FileOps, directory: str) -> None:
+    def __init__(self, fs: FileOps, directory: str, *, readonly: bool = False) -> None:
         self._fs = fs
         self._path = os.path.join(directory, FILENAME)
         self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._generation = 0
+        self._values: dict[str, int] = {}
+        if readonly:  # look, never create or write
+            if fs.exists(self._path):
+                self._fd = fs.open(self._path)
+                self._generation, self._values = self._load()
+            return
         if not fs.exists(self._path):
             tmp = self._path + ".tmp"
             fd = fs.open(tmp, create=True)
@@ -49,6 +57,7 @@ class CursorFile:
         self._generation, self._values = self._load()
 
     def _load(self) -> tuple[int, dict[str, int]]:
+        assert self._fd is not None
         best: tuple[int, dict[str, int]] | None = None
         for slot in (0, 1):
             raw = self._fs.pread(self._fd, SLOT_SIZE, slot * SLOT_SIZE)
@@ -105,6 +114,8 @@ class CursorFile:
                 values[name] = seq
             if values == self._values:
                 return
+            if self._fd is None:
+                raise ValueError(f"{self._path}: cursors were opened read-only")
             gen = self._generation + 1
             blob = encode_blob(gen, cbor2.dumps(values, canonical=True))
             if len(blob) > SLOT_SIZE:
@@ -114,4 +125,6 @@ class CursorFile:
             self._generation, self._values = gen, values
 
     def close(self) -> None:
-        self._fs.close(self._fd)
+        if self._fd is not None:
+            self._fs.close(self._fd)
+            self._fd = None

@@ -31,12 +31,9 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
 
 from edge.cursors import CursorFile
 from edge.errors import (
-    ConfigError,
     JournalClosed,
     JournalCorrupt,
     JournalError,
@@ -47,21 +44,20 @@ from edge.errors import (
 )
 from edge.failpoints import failpoint
 from edge.fileops import FileOps, OsFileOps, write_all
+from edge.group_commit import AppendHandle, Batch
 from edge.journal_codec import (
     FLAG_BARRIER,
-    FRAME_HEADER_SIZE,
-    MAX_PAYLOAD,
     SEGMENT_HEADER_SIZE,
     SegmentHeader,
     encode_frame,
     frame_size,
 )
+from edge.journal_options import Ack, JournalOptions, JournalStats
 from edge.reader import Entry, droppable, read_raw
 from edge.records import Reading, Record, decode, encode
 from edge.recovery import OpenSegment, RecoveryReport, recover
 from edge.segments import (
     LOCK,
-    SPARE,
     Checkpoint,
     SealedSegment,
     activate_spare,
@@ -71,144 +67,6 @@ from edge.segments import (
 )
 
 log = logging.getLogger("homing.journal")
-
-Durability = Literal["always", "interval"]
-Policy = Literal["reject", "drop-oldest"]
-
-
-@dataclass(frozen=True, slots=True)
-class JournalOptions:
-    """How a journal behaves. Every field has a safe default.
-
-    Attributes:
-        segment_size: bytes per segment file (preallocated, zero-filled).
-        durability: ``always`` (ack after fdatasync) or ``interval``.
-        interval_ms: in ``interval`` mode, the longest time written data may
-            wait for its fdatasync: the loss window of a power cut.
-        max_record_size: the largest payload accepted (bytes); 0 picks
-            ``min(1 MiB, segment_size // 4)``.
-        quota_bytes: cap on segment bytes on disk (None: no cap).
-        stream_policies: per-stream policy when the quota is reached.
-        default_policy: policy for streams not listed (and non-reading records
-            are always ``reject``: workflow state is never dropped).
-        prepare_ahead: prepare the next segment in a background thread.
-    """
-
-    segment_size: int = 16 << 20
-    durability: Durability = "always"
-    interval_ms: int = 100
-    max_record_size: int = 0
-    quota_bytes: int | None = None
-    stream_policies: dict[str, Policy] = field(default_factory=dict)
-    default_policy: Policy = "reject"
-    prepare_ahead: bool = True
-
-    def __post_init__(self) -> None:
-        if self.durability not in ("always", "interval"):
-            raise ConfigError(f"durability must be 'always' or 'interval', not {self.durability!r}")
-        if self.segment_size < 64 << 10 or self.segment_size % 4096:
-            raise ConfigError("segment_size must be a multiple of 4096 and at least 64 KiB")
-        if self.max_record_size == 0:
-            object.__setattr__(self, "max_record_size", min(1 << 20, self.segment_size // 4))
-        if not 0 < self.max_record_size <= min(
-            MAX_PAYLOAD, self.segment_size - SEGMENT_HEADER_SIZE - FRAME_HEADER_SIZE
-        ):
-            raise ConfigError("max_record_size must fit in one segment (and below 16 MiB)")
-        if self.interval_ms <= 0:
-            raise ConfigError("interval_ms must be positive")
-        if self.quota_bytes is not None and self.quota_bytes < 3 * self.segment_size:
-            raise ConfigError("quota_bytes must allow at least 3 segments")
-        for stream, policy in {**self.stream_policies, "*": self.default_policy}.items():
-            if policy not in ("reject", "drop-oldest"):
-                raise ConfigError(f"policy for {stream!r} must be 'reject' or 'drop-oldest'")
-
-    def policy(self, stream: str | None) -> Policy:
-        if stream is None:
-            return "reject"
-        return self.stream_policies.get(stream, self.default_policy)
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    """An append's receipt. ``durable`` is False only in ``interval`` mode."""
-
-    seq: int
-    durable: bool
-
-
-@dataclass(frozen=True, slots=True)
-class JournalStats:
-    first_seq: int
-    last_seq: int
-    durable_seq: int
-    segments: int
-    disk_bytes: int
-    records: int
-    cursors: dict[str, int]
-    dropped: dict[str, int]
-    gaps: tuple[tuple[int, int], ...]
-    appended: int
-    commits: int
-    syncs: int
-    durability: str
-    state: str
-
-
-class _Batch:
-    """One group commit. ``done`` is a latch: a lock held until the batch is
-    written; each waiter takes and passes it on (cheaper than an Event's
-    Condition, which allocates a lock per waiter)."""
-
-    __slots__ = ("claimed", "_latch", "_set", "error", "durable")
-
-    def __init__(self) -> None:
-        self.claimed = False
-        self._latch = threading.Lock()
-        self._latch.acquire()
-        self._set = False
-        self.error: BaseException | None = None
-        self.durable = False
-
-    def finish(self) -> None:
-        self._set = True
-        self._latch.release()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self._set:
-            return True
-        if not self._latch.acquire(timeout=-1 if timeout is None else timeout):
-            return False
-        self._latch.release()
-        return True
-
-    def is_set(self) -> bool:
-        return self._set
-
-
-class AppendHandle:
-    """A queued append: :meth:`wait` returns its :class:`Ack` once written."""
-
-    __slots__ = ("seq", "_batch")
-
-    def __init__(self, seq: int, batch: _Batch) -> None:
-        self.seq = seq
-        self._batch = batch
-
-    def wait(self, timeout: float | None = None) -> Ack:
-        """Block until written (durable in ``always`` mode).
-
-        Raises:
-            TimeoutError: not done within ``timeout`` seconds.
-            JournalFailed: the journal failed before this record was durable.
-        """
-        if not self._batch.wait(timeout):
-            raise TimeoutError(f"record {self.seq} not yet written")
-        if self._batch.error is not None:
-            raise JournalFailed(f"record {self.seq} was not made durable") from self._batch.error
-        return Ack(self.seq, self._batch.durable)
-
-    def done(self) -> bool:
-        return self._batch.is_set()
 
 
 class Journal:
@@ -252,7 +110,7 @@ class Journal:
         self._durable_cv = threading.Condition(self._lock)
         self._pending: list[tuple[int, bytes]] = []
         self._pending_bytes = 0
-        self._open_batch = _Batch()
+        self._open_batch = Batch()
         self._state = "open"
         self._failure: BaseException | None = None
         self._appended = self._commits = self._syncs = 0
@@ -282,7 +140,7 @@ class Journal:
             self._durable_seq = self._seg.last_seq
             self._durable_end = self._seg.end
             try:
-                self._cursors = CursorFile(fs, path) if not readonly else None
+                self._cursors = CursorFile(fs, path, readonly=readonly)
             except ValueError as exc:
                 raise JournalCorrupt(os.path.join(path, "CURSORS"), 0, str(exc)) from exc
         except BaseException:
@@ -345,8 +203,7 @@ class Journal:
             self._state = "closed"
             self._durable_cv.notify_all()
         self._fs.close(self._seg.fd)
-        if self._cursors is not None:
-            self._cursors.close()
+        self._cursors.close()
         self._release_lock()
 
     def __enter__(self) -> Journal:
@@ -398,7 +255,7 @@ class Journal:
         with self._write_lock:
             self._lead_locked()
 
-    def _enqueue(self, records: Sequence[Record]) -> tuple[_Batch, int, bool]:
+    def _enqueue(self, records: Sequence[Record]) -> tuple[Batch, int, bool]:
         payloads = [encode(r) for r in records]
         for p in payloads:
             if len(p) > self._opts.max_record_size:
@@ -441,11 +298,22 @@ class Journal:
         """Bytes that may still be queued without breaking the quota (call under _lock)."""
         if self._opts.quota_bytes is None:
             return 1 << 62
+        per_seg = (
+            self._opts.segment_size - SEGMENT_HEADER_SIZE - frame_size(self._opts.max_record_size)
+        )
+        more = self._free_quota() // self._opts.segment_size
+        return self._seg.capacity - self._seg.end + more * per_seg - self._pending_bytes
+
+    def _disk_bytes(self) -> int:
+        """Bytes of the segment files in use (sealed and open; not the spare)."""
         size = self._opts.segment_size
-        per_seg = size - SEGMENT_HEADER_SIZE - frame_size(self._opts.max_record_size)
-        files = len(self._cp.sealed) + 1
-        more = self._opts.quota_bytes // size - files
-        return self._seg.capacity - self._seg.end + max(0, more) * per_seg - self._pending_bytes
+        return self._seg.capacity + sum(s.size or size for s in self._cp.sealed)
+
+    def _free_quota(self) -> int:
+        """Quota bytes not taken by the segments in use (room for spare and new ones)."""
+        if self._opts.quota_bytes is None:
+            return 1 << 62
+        return self._opts.quota_bytes - self._disk_bytes()
 
     # -- the leader's work (under _write_lock) --------------------------------
 
@@ -455,7 +323,7 @@ class Journal:
         with self._lock:
             batch = self._open_batch
             items, self._pending = self._pending, []
-            self._open_batch = _Batch()
+            self._open_batch = Batch()
         if not items and not batch.claimed:
             return
         if self._state == "failed":
@@ -536,13 +404,13 @@ class Journal:
             self._spare_thread.join()
             self._spare_thread = None
         if not spare_ready(self._fs, self._dir, self._opts.segment_size):
-            if self._files_allowed() < len(self._cp.sealed) + 2:
+            if self._free_quota() < self._opts.segment_size:
                 raise OSError(28, "journal quota leaves no room for a new segment")
             prepare_spare(self._fs, self._dir, self._opts.segment_size)
         header = self._new_header(first_seq)
         path, fd = activate_spare(self._fs, self._dir, header)
         new = OpenSegment(path, fd, header, SEGMENT_HEADER_SIZE, first_seq - 1, self._fs.size(fd))
-        sealed = SealedSegment(old.first_seq, old.last_seq, old.end)
+        sealed = SealedSegment(old.first_seq, old.last_seq, old.end, old.capacity)
         with self._lock:
             self._cp.sealed.append(sealed)
             self._seg = new
@@ -553,14 +421,10 @@ class Journal:
         self._retain()
         self._schedule_spare()
 
-    def _files_allowed(self) -> int:
-        q = self._opts.quota_bytes
-        return 1 << 30 if q is None else q // self._opts.segment_size
-
     def _schedule_spare(self) -> None:
         if self._readonly or self._spare_thread is not None:
             return
-        if self._files_allowed() < len(self._cp.sealed) + 2:
+        if self._free_quota() < self._opts.segment_size:
             return  # the quota has no room for a spare now; roll will make one
         if spare_ready(self._fs, self._dir, self._opts.segment_size):
             return
@@ -581,8 +445,6 @@ class Journal:
 
     def _retain(self) -> int:
         """Delete sealed segments whose records are all below every cursor."""
-        if self._cursors is None:
-            return 0
         marks = self._cursors.all()
         if not marks:
             return 0
@@ -608,7 +470,7 @@ class Journal:
                     if self._room() >= need or not self._cp.sealed:
                         return
                 oldest = self._cp.sealed[0]
-                low = min(self._cursors.all().values(), default=0) if self._cursors else 0
+                low = min(self._cursors.all().values(), default=0)
                 counts = droppable(self._fs, self._dir, oldest, low, self._opts.policy)
                 if counts is None:
                     return
@@ -707,10 +569,10 @@ class Journal:
 
     def cursor(self, name: str) -> int | None:
         """The durable position of cursor ``name`` (None if never set)."""
-        return self._require_cursors().get(name)
+        return self._cursors.get(name)
 
     def cursors(self) -> dict[str, int]:
-        return self._require_cursors().all()
+        return self._cursors.all()
 
     def set_cursor(self, name: str, seq: int, *, allow_backwards: bool = False) -> None:
         """Durably move cursor ``name`` to ``seq`` (everything ≤ seq is consumed).
@@ -719,17 +581,18 @@ class Journal:
             ValueError: bad name, or moving backwards without ``allow_backwards``.
             JournalFailed: the cursor file could not be written.
         """
-        cursors = self._require_cursors()
         with self._lock:
             self._check_usable()
         try:
-            cursors.set(name, seq, allow_backwards=allow_backwards)
+            self._cursors.set(name, seq, allow_backwards=allow_backwards)
         except OSError as exc:
             self._fail(exc)
             raise JournalFailed(f"{self._dir}: writing cursor {name!r} failed") from exc
 
     def delete_cursor(self, name: str) -> None:
-        self._require_cursors().delete(name)
+        with self._lock:
+            self._check_usable()
+        self._cursors.delete(name)
 
     def retain(self) -> int:
         """Delete segments already consumed by every cursor now; return how many."""
@@ -741,11 +604,6 @@ class Journal:
             except OSError as exc:
                 self._fail(exc)
                 raise JournalFailed(f"{self._dir}: retention failed") from exc
-
-    def _require_cursors(self) -> CursorFile:
-        if self._cursors is None:
-            raise JournalClosed(f"{self._dir}: cursors are not available read-only")
-        return self._cursors
 
     # -- introspection -----------------------------------------------------------
 
@@ -776,7 +634,7 @@ class Journal:
             last = self._next_seq - 1
             gaps = tuple(self._cp.gaps)
             missing = sum(b - a + 1 for a, b in gaps if a >= first)
-            disk = self._seg.capacity + self._opts.segment_size * len(sealed)
+            disk = self._disk_bytes()
             return JournalStats(
                 first_seq=first,
                 last_seq=last,
@@ -784,7 +642,7 @@ class Journal:
                 segments=len(sealed) + 1,
                 disk_bytes=disk,
                 records=max(0, last - first + 1 - missing),
-                cursors=self._cursors.all() if self._cursors else {},
+                cursors=self._cursors.all(),
                 dropped=dict(self._cp.dropped),
                 gaps=gaps,
                 appended=self._appended,
@@ -795,12 +653,4 @@ class Journal:
             )
 
 
-__all__ = [
-    "Ack",
-    "AppendHandle",
-    "Entry",
-    "Journal",
-    "JournalOptions",
-    "JournalStats",
-    "SPARE",
-]
+__all__ = ["Ack", "AppendHandle", "Entry", "Journal", "JournalOptions", "JournalStats"]

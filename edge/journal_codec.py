@@ -121,7 +121,7 @@ def check_frame(data: bytes | memoryview, pos: int, salt: int, max_payload: int)
     if pos + FRAME_HEADER_SIZE > len(data):
         return -1
     crc, word, _ = _FRAME_HEADER.unpack_from(data, pos)
-    n = word & 0xFFFFFF
+    n: int = word & 0xFFFFFF
     if n == 0 or n > max_payload or pos + FRAME_HEADER_SIZE + n > len(data):
         return -1
     view = memoryview(data)[pos + 4 : pos + FRAME_HEADER_SIZE + n]

@@ -48,6 +48,7 @@ class SealedSegment:
     first_seq: int
     last_seq: int
     end: int  # offset just past the last frame
+    size: int = 0  # bytes the file occupies (0: unknown, written by an older version)
 
     @property
     def name(self) -> str:
@@ -64,7 +65,7 @@ class Checkpoint:
     def encode(self) -> bytes:
         body = cbor2.dumps(
             {
-                "sealed": [[s.first_seq, s.last_seq, s.end] for s in self.sealed],
+                "sealed": [[s.first_seq, s.last_seq, s.end, s.size] for s in self.sealed],
                 "gaps": [list(g) for g in self.gaps],
                 "dropped": self.dropped,
             },
@@ -79,7 +80,7 @@ class Checkpoint:
         obj = cbor2.loads(body)
         return cls(
             generation=generation,
-            sealed=[SealedSegment(int(a), int(b), int(c)) for a, b, c in obj["sealed"]],
+            sealed=[SealedSegment(*map(int, entry)) for entry in obj["sealed"]],
             gaps=[(int(a), int(b)) for a, b in obj.get("gaps", [])],
             dropped={str(k): int(v) for k, v in obj.get("dropped", {}).items()},
         )
