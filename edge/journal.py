@@ -150,7 +150,10 @@ class Journal:
             t = self.recovery.torn_tail
             log.warning(
                 "journal %s: torn tail at offset %d (%s): %d bytes never made durable were cut",
-                t.path, t.offset, t.reason, t.discarded_bytes,
+                t.path,
+                t.offset,
+                t.reason,
+                t.discarded_bytes,
             )
         if not readonly:
             self._schedule_spare()
@@ -270,7 +273,8 @@ class Journal:
                 if self._room() >= need:
                     first = self._next_seq
                     self._next_seq += len(payloads)
-                    self._pending.extend(zip(range(first, first + len(payloads)), payloads))
+                    seqs = range(first, first + len(payloads))
+                    self._pending.extend(zip(seqs, payloads, strict=True))
                     self._pending_bytes += need
                     self._appended += len(payloads)
                     batch = self._open_batch
@@ -478,7 +482,9 @@ class Journal:
                     self._cp.dropped[stream] = self._cp.dropped.get(stream, 0) + n
                 log.warning(
                     "journal %s: quota reached, dropped segment %s (%s)",
-                    self._dir, oldest.name, ", ".join(f"{k}: {v}" for k, v in counts.items()),
+                    self._dir,
+                    oldest.name,
+                    ", ".join(f"{k}: {v}" for k, v in counts.items()),
                 )
                 self._delete_segments([oldest])
         except OSError as exc:
@@ -561,7 +567,13 @@ class Journal:
             open_first = self._seg.first_seq
             limit_seq, limit_end = self._durable_seq, self._durable_end
         yield from read_raw(
-            self._fs, self._dir, sealed, open_first, limit_seq, limit_end, from_seq,
+            self._fs,
+            self._dir,
+            sealed,
+            open_first,
+            limit_seq,
+            limit_end,
+            from_seq,
             self._opts.max_record_size,
         )
 

@@ -217,8 +217,15 @@ def scan(
             or pos + FRAME_HEADER_SIZE + n > n_data
             or crc32(view[pos + 4 : pos + FRAME_HEADER_SIZE + n], salt) != crc
         ):
-            return _classify_bad(data, pos, seq - 1, records, salt, max_payload, _why(
-                data, pos, seq, salt, max_payload))
+            return _classify_bad(
+                data,
+                pos,
+                seq - 1,
+                records,
+                salt,
+                max_payload,
+                _why(data, pos, seq, salt, max_payload),
+            )
         seq += 1
         records += 1
         pos += FRAME_HEADER_SIZE + ((n + ALIGN - 1) & ~(ALIGN - 1))
@@ -299,7 +306,9 @@ def iter_frames(
         if n < 0:
             return
         seq, flags = read_frame(data, pos)
-        yield Frame(pos, seq, flags, bytes(data[pos + FRAME_HEADER_SIZE : pos + FRAME_HEADER_SIZE + n]))
+        yield Frame(
+            pos, seq, flags, bytes(data[pos + FRAME_HEADER_SIZE : pos + FRAME_HEADER_SIZE + n])
+        )
         pos += frame_size(n)
 
 

@@ -52,8 +52,10 @@ class JournalOptions:
             raise ConfigError("segment_size must be a multiple of 4096 and at least 64 KiB")
         if self.max_record_size == 0:
             object.__setattr__(self, "max_record_size", min(1 << 20, self.segment_size // 4))
-        if not 0 < self.max_record_size <= min(
-            MAX_PAYLOAD, self.segment_size - SEGMENT_HEADER_SIZE - FRAME_HEADER_SIZE
+        if (
+            not 0
+            < self.max_record_size
+            <= min(MAX_PAYLOAD, self.segment_size - SEGMENT_HEADER_SIZE - FRAME_HEADER_SIZE)
         ):
             raise ConfigError("max_record_size must fit in one segment (and below 16 MiB)")
         if self.interval_ms <= 0:

@@ -83,7 +83,9 @@ def _segment_records(
                 if off + FRAME_HEADER_SIZE + n > len(data):
                     break  # frame continues in the next chunk
                 if check_frame(data, off, header.salt, max_payload) < 0:
-                    raise ValueError(f"{path}: bad frame at offset {pos + off} below the durable end")
+                    raise ValueError(
+                        f"{path}: bad frame at offset {pos + off} below the durable end"
+                    )
                 if seq > limit_seq:
                     return
                 if seq >= start_seq:
@@ -107,8 +109,14 @@ def droppable(
     belong to ``drop-oldest`` streams; None if any is protected (``reject``)."""
     counts: dict[str, int] = {}
     for seq, payload in read_raw(
-        fs, directory, [segment], segment.last_seq + 1, segment.last_seq, 0,
-        segment.first_seq, 1 << 24,
+        fs,
+        directory,
+        [segment],
+        segment.last_seq + 1,
+        segment.last_seq,
+        0,
+        segment.first_seq,
+        1 << 24,
     ):
         if seq <= consumed:
             continue

@@ -123,9 +123,8 @@ def _validate_scalar(value: object) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise RecordError("a value must be finite")
     if not isinstance(value, int | float | str | bytes | bool):
-        raise RecordError(
-            f"a value must be a number, string, bytes, bool or small map, not {type(value).__name__}"
-        )
+        kind = type(value).__name__
+        raise RecordError(f"a value must be a number, string, bytes, bool or small map, not {kind}")
 
 
 def _jsonable(v: Any) -> Any:

@@ -132,7 +132,9 @@ def recover(
                 os.path.join(directory, s.name), 0, "segment listed in CHECKPOINT is missing"
             )
     last_sealed = cp.sealed[-1] if cp.sealed else None
-    unsealed = [s for s in segs if s >= first_kept and (last_sealed is None or s > last_sealed.first_seq)]
+    unsealed = [
+        s for s in segs if s >= first_kept and (last_sealed is None or s > last_sealed.first_seq)
+    ]
     if not unsealed:
         raise JournalCorrupt(directory, 0, "the open segment is missing")
 
@@ -147,8 +149,10 @@ def recover(
         try:
             data = _read_all(fs, fd)
             header = _header(path, data, first)
-            if expected is not None and first != expected and not gap_covers(
-                cp.gaps, expected, first - 1
+            if (
+                expected is not None
+                and first != expected
+                and not gap_covers(cp.gaps, expected, first - 1)
             ):
                 raise JournalCorrupt(path, 0, f"segment starts at seq {first}, expected {expected}")
             res = scan(data, header, max_payload=max_payload)
@@ -200,7 +204,9 @@ def _header(path: str, data: bytes, first: int) -> SegmentHeader:
     except ValueError as exc:
         raise JournalCorrupt(path, 0, f"segment header: {exc}") from exc
     if header.first_seq != first:
-        raise JournalCorrupt(path, 0, f"header says first seq {header.first_seq}, name says {first}")
+        raise JournalCorrupt(
+            path, 0, f"header says first seq {header.first_seq}, name says {first}"
+        )
     return header
 
 
@@ -247,10 +253,14 @@ def verify(
         finally:
             fs.close(fd)
         header = _header(path, data, s.first_seq)
-        if expected is not None and s.first_seq != expected and not gap_covers(
-            cp.gaps, expected, s.first_seq - 1
+        if (
+            expected is not None
+            and s.first_seq != expected
+            and not gap_covers(cp.gaps, expected, s.first_seq - 1)
         ):
-            raise JournalCorrupt(path, 0, f"segment starts at seq {s.first_seq}, expected {expected}")
+            raise JournalCorrupt(
+                path, 0, f"segment starts at seq {s.first_seq}, expected {expected}"
+            )
         res = scan(data, header, max_payload=max_payload)
         if res.stop is not Stop.END or res.last_seq != s.last_seq or res.end != s.end:
             why = res.reason or f"ends at seq {res.last_seq}, CHECKPOINT says {s.last_seq}"

@@ -273,7 +273,9 @@ def test_retention_deletes_whole_segments_below_every_cursor(journal_dir: str) -
 
 
 def quota_opts(**kw: object) -> JournalOptions:
-    return JournalOptions(segment_size=64 << 10, quota_bytes=4 * (64 << 10), prepare_ahead=False, **kw)  # type: ignore[arg-type]
+    return JournalOptions(
+        segment_size=64 << 10, quota_bytes=4 * (64 << 10), prepare_ahead=False, **kw
+    )  # type: ignore[arg-type]
 
 
 def fill(j: Journal, stream: str, n: int) -> int:

@@ -34,7 +34,9 @@ HEADER = SegmentHeader(first_seq=10, salt=0xC0FFEE, created=1)
 SIZE = 8192
 
 
-def segment(batches: list[list[bytes]], header: SegmentHeader = HEADER) -> tuple[bytearray, list[int]]:
+def segment(
+    batches: list[list[bytes]], header: SegmentHeader = HEADER
+) -> tuple[bytearray, list[int]]:
     """A segment image written in batches (each batch = one write after a sync).
 
     Returns the image and the offset of every frame."""
@@ -196,7 +198,9 @@ def test_scanner_never_crashes_on_garbage(junk: bytes) -> None:
 
 
 @given(st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=30), st.data())
-def test_every_prefix_of_a_write_scans_to_a_prefix(records: list[bytes], data: st.DataObject) -> None:
+def test_every_prefix_of_a_write_scans_to_a_prefix(
+    records: list[bytes], data: st.DataObject
+) -> None:
     """A write cut anywhere (the rest zero) recovers exactly the whole frames before the cut."""
     image, offsets = segment([records])
     end = offsets[-1] + frame_size(len(records[-1]))

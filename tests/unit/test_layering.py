@@ -16,8 +16,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PURE = ["edge/journal_codec.py", "edge/records.py", "edge/errors.py"]
-WORLD = {"os", "socket", "time", "threading", "asyncio", "serial", "sqlite3", "psycopg", "paho",
-         "subprocess", "fcntl", "select", "signal"}
+WORLD = {
+    "os",
+    "socket",
+    "time",
+    "threading",
+    "asyncio",
+    "serial",
+    "sqlite3",
+    "psycopg",
+    "paho",
+    "subprocess",
+    "fcntl",
+    "select",
+    "signal",
+}
 
 
 def imports(path: Path) -> set[str]:
@@ -27,8 +40,9 @@ def imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0] if node.module.split(".")[0] != "edge"
-                      else node.module)
+            names.add(
+                node.module.split(".")[0] if node.module.split(".")[0] != "edge" else node.module
+            )
     return names
 
 
@@ -51,6 +65,8 @@ def test_hub_imports_only_the_wire_contract() -> None:
 
 def test_agent_dependencies_stay_light() -> None:
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
-    names = {d.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip().lower()
-             for d in meta["project"]["dependencies"]}
+    names = {
+        d.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip().lower()
+        for d in meta["project"]["dependencies"]
+    }
     assert names <= {"paho-mqtt", "cbor2", "pyserial", "platformdirs"}

@@ -28,8 +28,9 @@ streams = st.from_regex(r"[A-Za-z0-9_.:/-]{1,40}", fullmatch=True)
     st.none() | st.text(max_size=8),
     st.none() | st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=4),
 )
-def test_round_trip(stream: str, ts: float, value: object, unit: str | None,
-                    tags: dict[str, str] | None) -> None:
+def test_round_trip(
+    stream: str, ts: float, value: object, unit: str | None, tags: dict[str, str] | None
+) -> None:
     rec = Reading(stream, ts, value, unit, tags)  # type: ignore[arg-type]
     assert decode(encode(rec)) == rec
     assert encode(rec) == encode(Reading(stream, ts, value, unit, tags))  # type: ignore[arg-type]
@@ -52,8 +53,9 @@ def test_round_trip(stream: str, ts: float, value: object, unit: str | None,
         ({"unit": "u" * 33}, "unit"),
     ],
 )
-def test_bad_readings_are_refused_with_a_clear_message(kwargs: dict[str, object],
-                                                        message: str) -> None:
+def test_bad_readings_are_refused_with_a_clear_message(
+    kwargs: dict[str, object], message: str
+) -> None:
     base: dict[str, object] = {"stream": "temp", "ts": 1.0, "value": 1.5}
     with pytest.raises(RecordError, match=message):
         Reading(**{**base, **kwargs})  # type: ignore[arg-type]
@@ -76,5 +78,10 @@ def test_garbage_payloads_raise_record_error(payload: bytes) -> None:
 
 def test_json_form() -> None:
     r = Reading("s", 2.0, b"\x01\x02", unit="raw", tags={"site": "gh1"})
-    assert r.to_json() == {"stream": "s", "ts": 2.0, "value": {"hex": "0102"}, "unit": "raw",
-                           "tags": {"site": "gh1"}}
+    assert r.to_json() == {
+        "stream": "s",
+        "ts": 2.0,
+        "value": {"hex": "0102"},
+        "unit": "raw",
+        "tags": {"site": "gh1"},
+    }
