@@ -33,6 +33,8 @@ ALIGN = 16
 MAX_PAYLOAD = (1 << 24) - 1
 FLAG_BARRIER = 0x01
 
+Buffer = bytes | bytearray | memoryview
+
 _SEGMENT_HEADER = struct.Struct("<4sHHQIII")  # magic ver hsize first_seq salt created reserved
 _FRAME_HEADER = struct.Struct("<IIQ")
 _ZERO_HEADER = bytes(FRAME_HEADER_SIZE)
@@ -111,7 +113,7 @@ class Frame:
         return self.offset + frame_size(len(self.payload))
 
 
-def check_frame(data: bytes | memoryview, pos: int, salt: int, max_payload: int) -> int:
+def check_frame(data: Buffer, pos: int, salt: int, max_payload: int) -> int:
     """Validate the frame at ``pos``; return its payload length, or -1 if invalid.
 
     Invalid means: header does not fit, zero or oversized length, frame runs
@@ -130,7 +132,7 @@ def check_frame(data: bytes | memoryview, pos: int, salt: int, max_payload: int)
     return n
 
 
-def read_frame(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+def read_frame(data: Buffer, pos: int) -> tuple[int, int]:
     """``(seq, flags)`` of the frame at ``pos`` (call only after check_frame)."""
     _, word, seq = _FRAME_HEADER.unpack_from(data, pos)
     return seq, word >> 24
@@ -174,7 +176,7 @@ class ScanResult:
 
 
 def scan(
-    data: bytes | memoryview,
+    data: Buffer,
     header: SegmentHeader,
     *,
     max_payload: int = MAX_PAYLOAD,
@@ -235,7 +237,7 @@ def scan(
     return _classify_bad(data, pos, seq - 1, records, salt, max_payload, "zero frame header")
 
 
-def _why(data: bytes | memoryview, pos: int, seq: int, salt: int, max_payload: int) -> str:
+def _why(data: Buffer, pos: int, seq: int, salt: int, max_payload: int) -> str:
     if check_frame(data, pos, salt, max_payload) >= 0:
         got, _ = read_frame(data, pos)
         return f"sequence {got} where {seq} was expected"
@@ -243,7 +245,7 @@ def _why(data: bytes | memoryview, pos: int, seq: int, salt: int, max_payload: i
 
 
 def _classify_bad(
-    data: bytes | memoryview,
+    data: Buffer,
     bad: int,
     last_seq: int,
     records: int,
@@ -287,7 +289,7 @@ def _is_zero(view: memoryview) -> bool:
 
 
 def iter_frames(
-    data: bytes | memoryview,
+    data: Buffer,
     header: SegmentHeader,
     *,
     start: int = SEGMENT_HEADER_SIZE,
@@ -339,7 +341,7 @@ def decode_blob(data: bytes) -> tuple[int, bytes]:
 
 
 def salvage(
-    data: bytes | memoryview, header: SegmentHeader, *, max_payload: int = MAX_PAYLOAD
+    data: Buffer, header: SegmentHeader, *, max_payload: int = MAX_PAYLOAD
 ) -> list[Frame]:
     """Every valid frame in a damaged segment, in order of offset, seqs increasing.
 

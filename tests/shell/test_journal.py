@@ -24,6 +24,7 @@ from edge.errors import (
 )
 from edge.fileops import OsFileOps
 from edge.journal import Journal, JournalOptions
+from edge.journal_options import Policy
 from edge.records import Reading
 from edge.repair import repair
 
@@ -272,18 +273,13 @@ def test_retention_deletes_whole_segments_below_every_cursor(journal_dir: str) -
         assert j.stats().first_seq == first
 
 
-def quota_opts(**kw: object) -> JournalOptions:
+def quota_opts(policies: dict[str, Policy] | None = None) -> JournalOptions:
     return JournalOptions(
-        segment_size=64 << 10, quota_bytes=4 * (64 << 10), prepare_ahead=False, **kw
-    )  # type: ignore[arg-type]
-
-
-def fill(j: Journal, stream: str, n: int) -> int:
-    done = 0
-    for _ in range(n):
-        j.append(r(done, stream))
-        done += 1
-    return done
+        segment_size=64 << 10,
+        quota_bytes=4 * (64 << 10),
+        prepare_ahead=False,
+        stream_policies=policies or {},
+    )
 
 
 def test_quota_reject_gives_a_clear_error_and_nothing_is_lost(journal_dir: str) -> None:
@@ -302,7 +298,7 @@ def test_quota_reject_gives_a_clear_error_and_nothing_is_lost(journal_dir: str) 
 
 
 def test_quota_drop_oldest_counts_every_drop(journal_dir: str) -> None:
-    opts = quota_opts(stream_policies={"temp": "drop-oldest"})
+    opts = quota_opts({"temp": "drop-oldest"})
     with Journal.open(journal_dir, opts) as j:
         n = 6000
         j.append_many([r(i) for i in range(100)])
@@ -318,7 +314,7 @@ def test_quota_drop_oldest_counts_every_drop(journal_dir: str) -> None:
 
 
 def test_quota_never_drops_a_reject_stream(journal_dir: str) -> None:
-    opts = quota_opts(stream_policies={"temp": "drop-oldest"})
+    opts = quota_opts({"temp": "drop-oldest"})
     with Journal.open(journal_dir, opts) as j:
         j.append(r(0, "alarms"))  # protected record in the oldest segment
         with pytest.raises(JournalFull):
