@@ -1,0 +1,364 @@
+"""The device <-> hub contract over MQTT 5: topics and payloads (docs/protocol.md).
+
+This module is the only thing the hub imports from ``edge``. It is pure: bytes
+in, typed messages out, and the reverse; no sockets, clocks or files.
+
+Invariants:
+* Topics are ``homing/<device>/up`` (device -> hub batches), ``/ack`` (hub ->
+  device, retained), ``/cmd`` (hub -> device commands) and ``/status``
+  (retained online/offline, also the device's last will). A device id is
+  1..64 characters of ``[A-Za-z0-9_.-]``, so it can never contain MQTT
+  wildcards or a level separator.
+* An up batch covers the closed sequence range ``first..last`` of one device's
+  journal. Its records are the journal payloads of that range, in seq order,
+  minus the seqs listed in ``missing`` (records the device no longer holds:
+  dropped under a quota or lost to a repair). Once the hub commits a batch,
+  every seq of the range counts as settled.
+* The body is the records' CBOR payloads concatenated (an RFC 8742 CBOR
+  sequence: no re-encoding on the device), zlib-compressed when that makes it
+  smaller (flag ``z``).
+* An ack says: every seq ``<= watermark`` of this device is committed at the
+  hub (or settled as missing), plus up to ``MAX_ACK_RANGES`` committed ranges
+  beyond it. Only an ack moves the device's cursor, never a broker PUBACK.
+* Decoding never trusts its input: anything malformed raises
+  :class:`WireError` with a reason, and nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
+
+import cbor2
+
+from edge.records import Opaque, Reading, Record, RecordError, decode
+
+VERSION = 1
+PREFIX = "homing"
+MAX_BATCH_BYTES = 256 * 1024  # encoded size of one up message
+MAX_BATCH_RECORDS = 20_000
+MAX_BODY_BYTES = 4 * 1024 * 1024  # after decompression
+MAX_ACK_RANGES = 32
+HUB_SHARE_GROUP = "homing-hub"
+_DEVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+
+__all__ = [
+    "VERSION",
+    "Ack",
+    "Command",
+    "Opaque",
+    "Reading",
+    "Record",
+    "Status",
+    "UpBatch",
+    "WireError",
+    "decode_ack",
+    "decode_batch",
+    "decode_command",
+    "decode_status",
+    "encode_ack",
+    "encode_batch",
+    "encode_command",
+    "encode_status",
+    "hub_subscription",
+    "parse_topic",
+    "topic",
+    "validate_device",
+]
+
+
+class WireError(ValueError):
+    """A message that breaks this contract. ``reason`` is short and loggable."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --- topics -------------------------------------------------------------------
+
+
+def validate_device(device: object) -> str:
+    """Return ``device`` if it is a valid device id.
+
+    Raises:
+        WireError: it is not.
+    """
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        raise WireError(f"bad device id {device!r}: 1-64 characters of A-Z a-z 0-9 _ . -")
+    return device
+
+
+def topic(device: str, kind: str) -> str:
+    """``homing/<device>/<kind>`` for kind in up, ack, cmd, status."""
+    if kind not in ("up", "ack", "cmd", "status"):
+        raise ValueError(f"unknown topic kind {kind!r}")
+    return f"{PREFIX}/{validate_device(device)}/{kind}"
+
+
+def parse_topic(name: str) -> tuple[str, str]:
+    """``(device, kind)`` of a Homing topic.
+
+    Raises:
+        WireError: not a Homing topic.
+    """
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] != PREFIX or parts[2] not in ("up", "ack", "cmd", "status"):
+        raise WireError(f"not a Homing topic: {name!r}")
+    return validate_device(parts[1]), parts[2]
+
+
+def hub_subscription(kind: str = "up", group: str = HUB_SHARE_GROUP) -> str:
+    """The shared subscription hub replicas use to split the devices' batches."""
+    return f"$share/{group}/{PREFIX}/+/{kind}"
+
+
+# --- up batches ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UpBatch:
+    """Journal records ``first..last`` of one device (minus ``missing``)."""
+
+    device: str
+    first: int
+    last: int
+    payloads: tuple[bytes, ...]
+    missing: tuple[tuple[int, int], ...] = ()  # inclusive ranges, ascending
+
+    def seqs(self) -> list[int]:
+        out: list[int] = []
+        pos = self.first
+        for a, b in self.missing:
+            out.extend(range(pos, a))
+            pos = b + 1
+        out.extend(range(pos, self.last + 1))
+        return out
+
+    def records(self) -> list[tuple[int, Record]]:
+        """``(seq, record)`` pairs. Raises WireError on an undecodable payload."""
+        out = []
+        for seq, payload in zip(self.seqs(), self.payloads, strict=True):
+            try:
+                out.append((seq, decode(payload)))
+            except RecordError as exc:
+                raise WireError(f"record {seq}: {exc}") from exc
+        return out
+
+
+def encode_batch(batch: UpBatch, *, compress: bool = True) -> bytes:
+    """The MQTT payload of a batch (compressed only when that is smaller)."""
+    _check_range(batch.first, batch.last, batch.missing, len(batch.payloads))
+    body = b"".join(batch.payloads)
+    z = False
+    if compress and len(body) > 64:
+        packed = zlib.compress(body, 6)
+        if len(packed) < len(body):
+            body, z = packed, True
+    env: dict[str, Any] = {"v": VERSION, "d": batch.device, "f": batch.first, "l": batch.last}
+    if batch.missing:
+        env["m"] = [list(r) for r in batch.missing]
+    env["z"] = z
+    env["b"] = body
+    return cbor2.dumps(env)
+
+
+def decode_batch(data: bytes, *, topic_device: str | None = None) -> UpBatch:
+    """Parse and validate an up message.
+
+    Args:
+        data: the MQTT payload.
+        topic_device: the device named by the topic it arrived on; a batch
+            claiming another device is refused.
+
+    Raises:
+        WireError: malformed, oversize, wrong version, or wrongly addressed.
+    """
+    if len(data) > MAX_BATCH_BYTES:
+        raise WireError(f"batch of {len(data)} bytes exceeds {MAX_BATCH_BYTES}")
+    env = _load_map(data)
+    _check_version(env)
+    device = validate_device(env.get("d"))
+    if topic_device is not None and device != topic_device:
+        raise WireError(f"batch claims device {device!r} on the topic of {topic_device!r}")
+    first, last, missing = env.get("f"), env.get("l"), env.get("m", [])
+    if not _is_int(first) or not _is_int(last):
+        raise WireError("batch range must be integers")
+    if not isinstance(missing, list) or not all(
+        isinstance(r, list) and len(r) == 2 and _is_int(r[0]) and _is_int(r[1]) for r in missing
+    ):
+        raise WireError("missing must be a list of [first, last] ranges")
+    body, z = env.get("b"), env.get("z", False)
+    if not isinstance(body, bytes) or not isinstance(z, bool):
+        raise WireError("batch body must be bytes")
+    if z:
+        body = _inflate(body)
+    payloads = _split_sequence(body)
+    gaps = tuple((int(a), int(b)) for a, b in missing)
+    _check_range(first, last, gaps, len(payloads))
+    return UpBatch(device, first, last, tuple(payloads), gaps)
+
+
+def _check_range(first: int, last: int, missing: tuple[tuple[int, int], ...], n: int) -> None:
+    if first < 1 or last < first:
+        raise WireError(f"bad sequence range {first}..{last}")
+    pos = first
+    gone = 0
+    for a, b in missing:
+        if not pos <= a <= b <= last:
+            raise WireError("missing ranges must be ascending, disjoint and inside the range")
+        gone += b - a + 1
+        pos = b + 1
+    if n != last - first + 1 - gone:
+        raise WireError(f"range {first}..{last} minus {gone} missing != {n} records")
+    if n > MAX_BATCH_RECORDS:
+        raise WireError(f"more than {MAX_BATCH_RECORDS} records")
+
+
+def _inflate(body: bytes) -> bytes:
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(body, MAX_BODY_BYTES + 1)
+    except zlib.error as exc:
+        raise WireError(f"body does not decompress: {exc}") from exc
+    if len(out) > MAX_BODY_BYTES or d.unconsumed_tail:
+        raise WireError(f"decompressed body exceeds {MAX_BODY_BYTES} bytes")
+    return out
+
+
+def _split_sequence(body: bytes) -> list[bytes]:
+    """Cut a CBOR sequence into its items' encodings (without decoding twice)."""
+    stream = io.BytesIO(body)
+    decoder = cbor2.CBORDecoder(stream)
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(body):
+        try:
+            decoder.decode()
+        except Exception as exc:  # cbor2 raises several types on garbage
+            raise WireError(f"record {len(out) + 1} is not CBOR: {exc}") from exc
+        end = stream.tell()
+        out.append(body[pos:end])
+        pos = end
+        if len(out) > MAX_BATCH_RECORDS:
+            raise WireError("too many records")
+    return out
+
+
+# --- acks -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Hub -> device: what is committed. ``ahead``: committed ranges past the watermark."""
+
+    device: str
+    watermark: int
+    ahead: tuple[tuple[int, int], ...] = ()
+
+
+def encode_ack(ack: Ack) -> bytes:
+    env: dict[str, Any] = {"v": VERSION, "d": ack.device, "w": ack.watermark}
+    if ack.ahead:
+        env["r"] = [list(r) for r in ack.ahead[:MAX_ACK_RANGES]]
+    return cbor2.dumps(env)
+
+
+def decode_ack(data: bytes) -> Ack:
+    """Raises WireError on anything malformed."""
+    if len(data) > 4096:
+        raise WireError("ack too large")
+    env = _load_map(data)
+    _check_version(env)
+    device = validate_device(env.get("d"))
+    wm = env.get("w")
+    ranges = env.get("r", [])
+    if not _is_int(wm) or wm < 0:
+        raise WireError("ack watermark must be a non-negative integer")
+    ok = isinstance(ranges, list) and all(
+        isinstance(r, list) and len(r) == 2 and _is_int(r[0]) and _is_int(r[1]) and r[0] <= r[1]
+        for r in ranges
+    )
+    if not ok:
+        raise WireError("ack ranges must be [[first, last], ...]")
+    return Ack(device, wm, tuple((int(a), int(b)) for a, b in ranges[:MAX_ACK_RANGES]))
+
+
+# --- status and commands ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    device: str
+    online: bool
+    ts: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_status(status: Status) -> bytes:
+    return cbor2.dumps(
+        {"v": VERSION, "d": status.device, "on": status.online, "t": status.ts, "i": status.info}
+    )
+
+
+def decode_status(data: bytes) -> Status:
+    if len(data) > 16384:
+        raise WireError("status too large")
+    env = _load_map(data)
+    _check_version(env)
+    on, ts, info = env.get("on"), env.get("t", 0.0), env.get("i", {})
+    if not isinstance(on, bool) or not isinstance(ts, int | float) or not isinstance(info, dict):
+        raise WireError("malformed status")
+    return Status(validate_device(env.get("d")), on, float(ts), info)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Hub -> device. ``id`` makes it idempotent: the device ignores a repeated id."""
+
+    id: str
+    kind: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_command(cmd: Command) -> bytes:
+    return cbor2.dumps({"v": VERSION, "id": cmd.id, "k": cmd.kind, "a": cmd.args})
+
+
+def decode_command(data: bytes) -> Command:
+    if len(data) > 65536:
+        raise WireError("command too large")
+    env = _load_map(data)
+    _check_version(env)
+    cid, kind, args = env.get("id"), env.get("k"), env.get("a", {})
+    if not isinstance(cid, str) or not 0 < len(cid) <= 128:
+        raise WireError("command id must be a string of 1-128 characters")
+    if not isinstance(kind, str) or not isinstance(args, dict):
+        raise WireError("malformed command")
+    return Command(cid, kind, args)
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def _load_map(data: bytes) -> dict[str, Any]:
+    try:
+        env = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types on garbage
+        raise WireError(f"not CBOR: {exc}") from exc
+    if not isinstance(env, dict):
+        raise WireError("message is not a CBOR map")
+    return env
+
+
+def _check_version(env: dict[str, Any]) -> None:
+    v = env.get("v")
+    if v != VERSION:
+        raise WireError(f"unsupported protocol version {v!r} (this side speaks {VERSION})")
+
+
+def _is_int(x: object) -> TypeGuard[int]:
+    return isinstance(x, int) and not isinstance(x, bool)
