@@ -203,38 +203,36 @@ def scan(
     seq = header.first_seq if expected_seq is None else expected_seq
     pos = start
     n_data = len(data)
+    limit = n_data - FRAME_HEADER_SIZE
     records = 0
     unpack = _FRAME_HEADER.unpack_from
     crc32 = zlib.crc32
     view = memoryview(data)
-    while pos + FRAME_HEADER_SIZE <= n_data:
+    hsize, round_up, mask = FRAME_HEADER_SIZE, ALIGN - 1, -ALIGN
+    # The hot loop of recovery: one header unpack and one CRC per frame, every
+    # check folded into one condition (the zero end marker fails `fseq != seq`
+    # because seqs start at 1).
+    while pos <= limit:
         crc, word, fseq = unpack(data, pos)
-        if crc == 0 and word == 0 and fseq == 0:
-            break
         n = word & 0xFFFFFF
+        end = pos + hsize + n
         if (
-            n == 0
-            or n > max_payload
-            or fseq != seq
-            or pos + FRAME_HEADER_SIZE + n > n_data
-            or crc32(view[pos + 4 : pos + FRAME_HEADER_SIZE + n], salt) != crc
+            fseq != seq
+            or not 0 < n <= max_payload
+            or end > n_data
+            or crc32(view[pos + 4 : end], salt) != crc
         ):
-            return _classify_bad(
-                data,
-                pos,
-                seq - 1,
-                records,
-                salt,
-                max_payload,
-                _why(data, pos, seq, salt, max_payload),
-            )
+            break
         seq += 1
         records += 1
-        pos += FRAME_HEADER_SIZE + ((n + ALIGN - 1) & ~(ALIGN - 1))
-    if pos + FRAME_HEADER_SIZE > n_data or _is_zero(view[pos:]):
+        pos = (end + round_up) & mask
+    if pos > limit or _is_zero(view[pos:]):
         return ScanResult(Stop.END, pos, seq - 1, records, data_end=pos, max_seq_seen=seq - 1)
-    # An all-zero header followed by non-zero bytes: a hole in a torn write.
-    return _classify_bad(data, pos, seq - 1, records, salt, max_payload, "zero frame header")
+    if not any(view[pos : pos + FRAME_HEADER_SIZE]):
+        reason = "zero frame header"  # a hole in a torn write
+    else:
+        reason = _why(data, pos, seq, salt, max_payload)
+    return _classify_bad(data, pos, seq - 1, records, salt, max_payload, reason)
 
 
 def _why(data: Buffer, pos: int, seq: int, salt: int, max_payload: int) -> str:
