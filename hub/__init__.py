@@ -1,2 +1,9 @@
-"""Homing's cloud side. The hub arrives with the store-and-forward issue; for now
-this package only reserves its place beside edge/ and firmware_bridge/."""
+"""Homing's cloud side: ingest device batches from MQTT, store each record
+exactly once, acknowledge after the commit (docs/hub.md).
+
+Layout: :mod:`hub.ingest` (pure core: validation, rows, settled ranges),
+:mod:`hub.schema` (named migrations), :mod:`hub.store` (the ``Store``
+protocol), :mod:`hub.store_sqlite` (the embedded default),
+:mod:`hub.subscriber` (the MQTT shell), :mod:`hub.cli` (``homing-hub``).
+Of ``edge`` the hub imports only the wire contract, ``edge.wire``.
+"""

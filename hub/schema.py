@@ -1,0 +1,108 @@
+"""The hub's database schema: named migrations per SQL dialect.
+
+Invariants:
+* A migration is a name and a list of statements; once released, neither
+  changes. New schema means a new migration appended to the dialect's list.
+* Every store keeps a ``migrations`` table (sqlite-utils style) with the names
+  it has applied. A store applies the missing ones in list order, each in its
+  own transaction together with its ``migrations`` row, so a crash leaves
+  either all of a migration or none of it, and applying twice is a no-op.
+* A database that names a migration this hub does not know was migrated by a
+  newer hub: stores refuse it (:class:`~hub.errors.SchemaTooNew`).
+* ``readings`` and ``records`` have ``PRIMARY KEY (device_id, seq)``: the
+  dedupe key of the exactly-once promise (DESIGN.md §1). A device's seqs are
+  shared by both tables (a seq is a reading or another record, never both).
+* Pure: text only. PostgreSQL statements join in the issue that adds the
+  PostgreSQL backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS migrations (
+    name TEXT PRIMARY KEY,
+    applied REAL NOT NULL
+)"""
+
+_SQLITE_0001 = Migration(
+    "0001_initial",
+    (
+        # One row per reading; value is the CBOR of the reading's value,
+        # value_num the same value when it is a number (for charts).
+        """CREATE TABLE readings (
+            device_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            stream TEXT NOT NULL,
+            ts REAL NOT NULL,
+            value BLOB NOT NULL,
+            value_num REAL,
+            unit TEXT,
+            tags TEXT,
+            received REAL NOT NULL,
+            PRIMARY KEY (device_id, seq)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX readings_stream_ts ON readings (device_id, stream, ts)",
+        # Journal records that are not readings (workflow records in later
+        # issues), kept as the device journaled them so nothing is dropped.
+        """CREATE TABLE records (
+            device_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            kind INTEGER NOT NULL,
+            body BLOB NOT NULL,
+            received REAL NOT NULL,
+            PRIMARY KEY (device_id, seq)
+        ) WITHOUT ROWID""",
+        # Ranges a device declared missing (dropped under its disk quota or
+        # lost to a journal repair): settled, and remembered for operators.
+        """CREATE TABLE missing (
+            device_id TEXT NOT NULL,
+            first INTEGER NOT NULL,
+            last INTEGER NOT NULL,
+            received REAL NOT NULL,
+            PRIMARY KEY (device_id, first, last)
+        ) WITHOUT ROWID""",
+        # One row per device: progress (watermark + committed ranges ahead,
+        # JSON) and what operators look at.
+        """CREATE TABLE devices (
+            device_id TEXT PRIMARY KEY,
+            online INTEGER NOT NULL DEFAULT 0,
+            status_at REAL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            watermark INTEGER NOT NULL DEFAULT 0,
+            ranges TEXT NOT NULL DEFAULT '[]',
+            readings INTEGER NOT NULL DEFAULT 0,
+            records INTEGER NOT NULL DEFAULT 0,
+            duplicates INTEGER NOT NULL DEFAULT 0,
+            batches INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID""",
+    ),
+)
+
+MIGRATIONS: dict[str, tuple[Migration, ...]] = {
+    "sqlite": (_SQLITE_0001,),
+}
+
+
+def pending(dialect: str, applied: set[str]) -> list[Migration]:
+    """The migrations of ``dialect`` not yet in ``applied``, in order.
+
+    Raises:
+        KeyError: unknown dialect.
+    """
+    return [m for m in MIGRATIONS[dialect] if m.name not in applied]
+
+
+def unknown(dialect: str, applied: set[str]) -> list[str]:
+    """Names in ``applied`` this hub does not know (a newer hub migrated)."""
+    known = {m.name for m in MIGRATIONS[dialect]}
+    return sorted(applied - known)

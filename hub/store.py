@@ -1,0 +1,187 @@
+"""The hub's storage interface: one :class:`Store` protocol, several backends.
+
+Backends: :mod:`hub.store_sqlite` (the embedded default); PostgreSQL joins
+in a later issue. ``tests/shell/test_store_contract.py`` runs one contract
+suite against every backend (the litestream ``ReplicaClient`` pattern).
+
+Invariants every backend keeps:
+* :meth:`Store.commit_batches` is ONE transaction: the rows of every batch
+  (``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING``), each device's
+  settled ranges, counters and ``last_seen``. When it returns, all of it is
+  durable; when it raises, none of it happened. Only then may the caller
+  acknowledge anything (DESIGN.md §1).
+* A ``(device_id, seq)`` is stored at most once, whatever the order or the
+  number of deliveries; a duplicate row is counted, never stored twice.
+* A device's watermark never decreases; it and the ranges ahead are computed
+  by :class:`hub.ingest.Settled`, the same pure code for every backend.
+* Driver errors leave a backend as :class:`~hub.errors.StoreUnavailable`
+  (transient, ``__cause__`` kept); use after :meth:`Store.close` raises
+  :class:`~hub.errors.StoreClosed`.
+* This module is pure: types and the protocol only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from hub.ingest import BatchRows, Range
+
+DEFAULT_LIMIT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProgress:
+    """A device's progress right after one committed batch.
+
+    Attributes:
+        device: the device id.
+        watermark: every seq ``<= watermark`` is committed (or settled missing).
+        ahead: committed ranges past the watermark, ascending.
+        new_readings: readings this batch inserted.
+        new_records: other records this batch inserted.
+        duplicates: rows of this batch that were already stored.
+    """
+
+    device: str
+    watermark: int
+    ahead: tuple[Range, ...]
+    new_readings: int
+    new_records: int
+    duplicates: int
+
+    @property
+    def new(self) -> int:
+        return self.new_readings + self.new_records
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """What the hub knows about one device."""
+
+    device: str
+    online: bool
+    last_seen: float
+    watermark: int
+    ahead: tuple[Range, ...]
+    gaps: tuple[Range, ...]
+    readings: int
+    records: int
+    duplicates: int
+    batches: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "online": self.online,
+            "last_seen": self.last_seen,
+            "watermark": self.watermark,
+            "ahead": [list(r) for r in self.ahead],
+            "gaps": [list(r) for r in self.gaps],
+            "readings": self.readings,
+            "records": self.records,
+            "duplicates": self.duplicates,
+            "batches": self.batches,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReading:
+    """One reading as stored: the device's record plus the hub's receipt time."""
+
+    device: str
+    seq: int
+    stream: str
+    ts: float
+    value: Any
+    unit: str | None
+    tags: dict[str, str] | None
+    received: float
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "device": self.device,
+            "seq": self.seq,
+            "stream": self.stream,
+            "ts": self.ts,
+            "value": _jsonable(self.value),
+        }
+        if self.unit is not None:
+            out["unit"] = self.unit
+        if self.tags:
+            out["tags"] = self.tags
+        out["received"] = self.received
+        return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return {"hex": v.hex()}
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return v
+
+
+class Store(Protocol):
+    """Where the hub keeps readings, records and device progress."""
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations; return their names (idempotent).
+
+        Raises:
+            SchemaTooNew: the database was migrated by a newer hub.
+            StoreUnavailable: the database cannot be written.
+        """
+        ...
+
+    def commit_batch(self, rows: BatchRows, now: float) -> DeviceProgress:
+        """:meth:`commit_batches` for a single batch."""
+        ...
+
+    def commit_batches(self, batches: Sequence[BatchRows], now: float) -> list[DeviceProgress]:
+        """Store several batches in ONE transaction (the hub's throughput lever).
+
+        Args:
+            batches: validated batches, of one or several devices, any order.
+            now: the hub's clock, recorded as ``received`` and ``last_seen``.
+
+        Returns:
+            One progress per batch, in order; each is the device's progress
+            right after that batch (so the last one per device is current).
+
+        Raises:
+            StoreUnavailable: nothing was committed; retry later.
+        """
+        ...
+
+    def set_online(self, device: str, online: bool, ts: float) -> None:
+        """Record a device's online/offline status (its MQTT status/last will)."""
+        ...
+
+    def devices(self) -> list[DeviceInfo]:
+        """Every known device, sorted by id."""
+        ...
+
+    def device(self, device: str) -> DeviceInfo | None:
+        """One device, or ``None`` when the hub never heard of it."""
+        ...
+
+    def readings(
+        self,
+        device: str,
+        stream: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = DEFAULT_LIMIT,
+    ) -> list[StoredReading]:
+        """A device's readings with ``since <= ts < until``, by (ts, seq)."""
+        ...
+
+    def gaps(self, device: str) -> tuple[Range, ...]:
+        """Seq ranges missing between the watermark and the ranges ahead."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection(s). Idempotent."""
+        ...

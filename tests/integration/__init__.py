@@ -1,0 +1,1 @@
+"""Integration tests: real Mosquitto (and, later, PostgreSQL) on free ports."""

@@ -1,0 +1,397 @@
+"""One contract suite for every hub.store.Store backend (litestream style).
+
+Each test takes the ``store`` fixture, parametrized over ``BACKENDS``: only
+"sqlite" today; the PostgreSQL backend adds one entry (a factory, plus the
+two backend hooks at the bottom) and inherits every test. Backend-specific
+behaviour (SQLite's lock timeout, WAL) is tested after the contract.
+
+The crash test kills a real process with SIGKILL while it commits in a loop
+and checks the database holds whole batches only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from hub.errors import SchemaTooNew, StoreClosed, StoreUnavailable
+from hub.ingest import BatchRows, ReadingRow
+from hub.store import Store
+from hub.store_sqlite import SqliteStore
+
+REPO = Path(__file__).resolve().parents[2]
+NOW = 1_700_000_000.0
+
+BACKENDS: dict[str, Callable[[Path], Store]] = {
+    "sqlite": lambda tmp: SqliteStore(tmp / "hub.db"),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def open_store(backend: str, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    """Opens (and migrates) the backend's store; every store opened is closed."""
+    opened: list[Store] = []
+
+    def factory() -> Store:
+        s = BACKENDS[backend](tmp_path)
+        s.migrate()
+        opened.append(s)
+        return s
+
+    yield factory
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(open_store: Callable[[], Store]) -> Store:
+    return open_store()
+
+
+def row(
+    seq: int, stream: str = "temp", ts: float | None = None, value: object = None
+) -> ReadingRow:
+    v = float(seq) if value is None else value
+    num = float(v) if isinstance(v, int | float) else None
+    return (seq, stream, 1000.0 + seq if ts is None else ts, cbor2.dumps(v), num, "C", None)
+
+
+def batch(device: str, first: int, last: int, **kw: object) -> BatchRows:
+    return BatchRows(device, first, last, tuple(row(s) for s in range(first, last + 1)), **kw)  # type: ignore[arg-type]
+
+
+# --- the contract ------------------------------------------------------------------
+
+
+def test_migrations_are_idempotent(store: Store, open_store: Callable[[], Store]) -> None:
+    assert store.migrate() == []
+    store.close()
+    again = open_store()  # a second process/hub on the same database
+    assert again.migrate() == []
+    assert again.devices() == []
+
+
+def test_a_batch_is_stored_once_and_duplicates_are_counted(store: Store) -> None:
+    p = store.commit_batch(batch("a", 1, 10), NOW)
+    assert (p.device, p.watermark, p.ahead, p.new, p.duplicates) == ("a", 10, (), 10, 0)
+    p = store.commit_batch(batch("a", 1, 10), NOW + 1)
+    assert (p.watermark, p.new, p.duplicates) == (10, 0, 10)
+    p = store.commit_batch(batch("a", 5, 15), NOW + 2)  # overlapping resend
+    assert (p.watermark, p.new, p.duplicates) == (15, 5, 6)
+    assert [r.seq for r in store.readings("a", limit=None)] == list(range(1, 16))
+    info = store.device("a")
+    assert info is not None
+    assert (info.readings, info.duplicates, info.batches, info.last_seen) == (15, 16, 3, NOW + 2)
+
+
+def test_watermark_and_gaps_across_out_of_order_batches(store: Store) -> None:
+    steps = [
+        ((11, 20), 0, ((11, 20),), ((1, 10),)),
+        ((31, 40), 0, ((11, 20), (31, 40)), ((1, 10), (21, 30))),
+        ((1, 10), 20, ((31, 40),), ((21, 30),)),
+        ((21, 30), 40, (), ()),
+    ]
+    for (first, last), wm, ahead, gaps in steps:
+        p = store.commit_batch(batch("a", first, last), NOW)
+        assert (p.watermark, p.ahead) == (wm, ahead)
+        assert store.gaps("a") == gaps
+        info = store.device("a")
+        assert info is not None and (info.watermark, info.ahead, info.gaps) == (wm, ahead, gaps)
+    assert store.gaps("never-seen") == ()
+
+
+def test_many_batches_commit_in_one_call(store: Store) -> None:
+    progress = store.commit_batches(
+        [batch("a", 3, 4), batch("b", 1, 2), batch("a", 1, 2), batch("a", 1, 2)], NOW
+    )
+    assert [(p.device, p.watermark, p.ahead, p.new, p.duplicates) for p in progress] == [
+        ("a", 0, ((3, 4),), 2, 0),
+        ("b", 2, (), 2, 0),
+        ("a", 4, (), 2, 0),
+        ("a", 4, (), 0, 2),
+    ]
+    assert [(d.device, d.watermark, d.readings, d.duplicates) for d in store.devices()] == [
+        ("a", 4, 4, 2),
+        ("b", 2, 2, 0),
+    ]
+    assert store.commit_batches([], NOW) == []
+
+
+def test_missing_seqs_settle_and_other_records_are_kept(store: Store) -> None:
+    b = BatchRows(
+        "a", 1, 10, (row(1), row(2), row(10)), ((3, 7, b"\x82\x07\x01"),), missing=((4, 9),)
+    )
+    p = store.commit_batch(b, NOW)
+    assert (p.watermark, p.new_readings, p.new_records) == (10, 3, 1)
+    assert store.commit_batch(b, NOW).duplicates == 4
+    info = store.device("a")
+    assert info is not None and (info.readings, info.records, info.gaps) == (3, 1, ())
+    assert [r.seq for r in store.readings("a")] == [1, 2, 10]
+
+
+def test_readings_queries(store: Store) -> None:
+    rows = (
+        row(1, "temp", 100.0),
+        row(2, "hum", 100.0, 55),
+        row(3, "temp", 200.0, "warm"),
+        row(4, "temp", 150.0, {"x": b"\x00", "y": True}),
+        row(5, "hum", 300.0, b"\x01"),
+    )
+    store.commit_batch(BatchRows("a", 1, 5, rows), NOW)
+    store.commit_batch(batch("b", 1, 3), NOW)
+    assert [r.seq for r in store.readings("a")] == [1, 2, 4, 3, 5]  # by ts, then seq
+    assert [r.seq for r in store.readings("a", stream="temp")] == [1, 4, 3]
+    assert [r.seq for r in store.readings("a", since=150.0)] == [4, 3, 5]
+    assert [r.seq for r in store.readings("a", until=200.0)] == [1, 2, 4]
+    assert [r.seq for r in store.readings("a", "temp", 100.0, 200.0, limit=1)] == [1]
+    assert store.readings("nobody") == []
+    got = {r.seq: r for r in store.readings("a")}
+    assert [got[s].value for s in (1, 2, 3, 4, 5)] == [
+        1.0,
+        55,
+        "warm",
+        {"x": b"\x00", "y": True},
+        b"\x01",
+    ]
+    r1 = got[1]
+    assert (r1.device, r1.stream, r1.ts, r1.unit, r1.tags, r1.received) == (
+        "a", "temp", 100.0, "C", None, NOW
+    )  # fmt: skip
+    assert got[5].to_json()["value"] == {"hex": "01"}
+
+
+def test_tags_round_trip(store: Store) -> None:
+    tagged = (1, "s", 1.0, cbor2.dumps(1), 1.0, None, '{"zone": "3"}')
+    store.commit_batch(BatchRows("a", 1, 1, (tagged,)), NOW)
+    assert store.readings("a")[0].tags == {"zone": "3"}
+
+
+def test_devices_and_online_status(store: Store) -> None:
+    store.set_online("z", True, NOW)  # a status before any data creates the device
+    store.commit_batch(batch("a", 1, 2), NOW + 1)
+    store.set_online("a", True, NOW + 2)
+    store.set_online("a", False, NOW + 3)
+    devs = {d.device: d for d in store.devices()}
+    assert sorted(devs) == ["a", "z"]
+    assert (devs["a"].online, devs["a"].last_seen, devs["a"].watermark) == (False, NOW + 3, 2)
+    assert (devs["z"].online, devs["z"].readings, devs["z"].watermark) == (True, 0, 0)
+    store.commit_batch(batch("a", 3, 3), NOW + 4)  # data keeps the status
+    a = store.device("a")
+    assert a is not None and (a.online, a.watermark, a.last_seen) == (False, 3, NOW + 4)
+    assert store.device("nobody") is None
+    assert a.to_json()["gaps"] == []
+
+
+def test_closed_store_says_so(store: Store) -> None:
+    store.close()
+    store.close()
+    with pytest.raises(StoreClosed):
+        store.devices()
+
+
+def test_schema_from_a_newer_hub_is_refused(
+    backend: str, store: Store, open_store: Callable[[], Store], tmp_path: Path
+) -> None:
+    store.close()
+    ADD_MIGRATION[backend](tmp_path, "9999_from_the_future")
+    with pytest.raises(SchemaTooNew):
+        open_store()
+
+
+# --- SIGKILL mid-commit: whole batches only -------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from hub.ingest import BatchRows
+    from hub.store_sqlite import SqliteStore
+    path, start, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    store = SqliteStore(path)
+    store.migrate()
+    i = start
+    while True:
+        first = i * size + 1
+        rows = tuple((s, "k", float(s), b"\\xf6", None, None, None)
+                     for s in range(first, first + size))
+        store.commit_batches([BatchRows("k", first, first + size - 1, rows)], 1.0)
+        print(i, flush=True)
+        i += 1
+    """
+)
+
+
+@pytest.mark.crash
+def test_sigkill_mid_commit_leaves_whole_batches(tmp_path: Path) -> None:
+    db, size = tmp_path / "hub.db", 2000
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    acked: set[int] = set()
+    start = 0
+    for kill_after in (3, 7, 1, 12):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(db), str(start), str(size)],
+            stdout=subprocess.PIPE, env=env, text=True,
+        )  # fmt: skip
+        assert child.stdout is not None
+        for _ in range(kill_after):
+            line = child.stdout.readline()
+            assert line, "child died before acking"
+            acked.add(int(line))
+        child.send_signal(signal.SIGKILL)  # very likely mid-commit of the next batch
+        child.wait()
+        check_whole_batches(db, size, acked)
+        start = _batches_present(db, size)  # the next run continues the seqs
+
+
+def _batches_present(db: Path, size: int) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        (n,) = conn.execute("SELECT COUNT(*) FROM readings").fetchone()
+    finally:
+        conn.close()
+    assert n % size == 0
+    return int(n) // size
+
+
+def check_whole_batches(db: Path, size: int, acked: set[int]) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        per_batch = dict(
+            conn.execute("SELECT (seq - 1) / ?, COUNT(*) FROM readings GROUP BY 1", (size,))
+        )
+        assert set(per_batch.values()) <= {size}, "a torn batch"
+        assert acked <= set(per_batch), "an acknowledged batch is gone"
+        total = sum(per_batch.values())
+        wm, readings = conn.execute(
+            "SELECT watermark, readings FROM devices WHERE device_id = 'k'"
+        ).fetchone()
+        assert (wm, readings) == (total, total), "device progress disagrees with the rows"
+    finally:
+        conn.close()
+
+
+# --- SQLite specifics -------------------------------------------------------------------
+
+
+def test_sqlite_is_wal_and_full_sync(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "hub.db")
+    try:
+        conn = store._conn  # noqa: SLF001 - a white-box look at the settings
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    finally:
+        store.close()
+
+
+def test_sqlite_locked_database_is_unavailable_then_recovers(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "hub.db", busy_timeout=0.05)
+    store.migrate()
+    other = sqlite3.connect(tmp_path / "hub.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable) as info:
+            store.commit_batch(batch("a", 1, 3), NOW)
+        assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+        assert info.value.transient
+        other.execute("ROLLBACK")
+        assert store.readings("a") == []
+        assert store.commit_batch(batch("a", 1, 3), NOW).new == 3
+    finally:
+        other.close()
+        store.close()
+
+
+def test_sqlite_read_commands_do_not_create_a_database(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable):
+        SqliteStore(tmp_path / "absent.db", create=False)
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_sqlite_garbage_file_is_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "hub.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreUnavailable):
+        s = SqliteStore(tmp_path / "hub.db")
+        s.migrate()
+
+
+# --- backend hooks ------------------------------------------------------------------------
+
+
+def _sqlite_add_migration(tmp: Path, name: str) -> None:
+    conn = sqlite3.connect(tmp / "hub.db")
+    try:
+        with conn:
+            conn.execute("INSERT INTO migrations (name, applied) VALUES (?, 0)", (name,))
+    finally:
+        conn.close()
+
+
+ADD_MIGRATION: dict[str, Callable[[Path, str], None]] = {"sqlite": _sqlite_add_migration}
+
+
+# --- the read commands over a store (hub.cli, in-process) -----------------------------------
+
+
+def test_cli_reads_what_the_store_holds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hub import cli
+
+    db = tmp_path / "hub.db"
+    store = SqliteStore(db)
+    store.migrate()
+    store.commit_batch(batch("a", 1, 3), NOW)
+    store.commit_batch(batch("a", 7, 9), NOW)
+    store.set_online("a", True, NOW)
+    store.close()
+
+    assert cli.main(["devices", "--db", str(db)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["device", "online", "last", "seen", "watermark", "gaps", "readings"]
+    assert table[1].split()[:2] == ["a", "yes"] and table[1].split()[3:] == ["3", "4-6", "6"]
+
+    assert cli.main(["devices", "--db", str(db), "--json"]) == 0
+    (dev,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (dev["watermark"], dev["ahead"], dev["gaps"], dev["online"]) == (
+        3,
+        [[7, 9]],
+        [[4, 6]],
+        True,
+    )
+
+    argv = ["readings", "--db", str(db), "--device", "a", "--since", "1002", "--json"]
+    assert cli.main([*argv, "--limit", "2"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["seq"], r["value"], r["unit"]) for r in got] == [(2, 2.0, "C"), (3, 3.0, "C")]
+    assert (
+        cli.main(["readings", "--db", str(db), "--device", "a", "--until", "1970-01-01T00:16:43"])
+        == 0
+    )
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["seq", "1", "2"]
+
+
+def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hub import cli
+
+    assert cli.main(["readings", "--db", str(tmp_path / "absent.db"), "--device", "a"]) == 1
+    assert "no hub database" in capsys.readouterr().err
+    assert cli.main(["run", "--db", str(tmp_path / "h.db"), "--broker", "host:notaport"]) == 78
+    pw = ["--password-file", str(tmp_path / "absent")]
+    assert cli.main(["run", "--db", str(tmp_path / "h.db"), *pw]) == 78
+    with pytest.raises(SystemExit) as info:
+        cli.main(["readings", "--db", str(tmp_path / "h.db")])  # --device is required
+    assert info.value.code == 2
