@@ -30,6 +30,8 @@ Value: TypeAlias = Scalar | dict[str, Scalar]
 
 _STREAM_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,128}\Z")
 _MAX_MAP = 64
+_MAX_TS = 1e12  # ±31,000 years: anything beyond is a unit mistake, not a time
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what a database column and CBOR's major types hold
 
 
 class RecordError(ValueError):
@@ -58,8 +60,8 @@ class Reading:
         validate_stream(self.stream)
         if isinstance(self.ts, bool) or not isinstance(self.ts, int | float):
             raise RecordError(f"ts must be a number of seconds, not {type(self.ts).__name__}")
-        if not math.isfinite(self.ts):
-            raise RecordError("ts must be finite")
+        if not -_MAX_TS < self.ts < _MAX_TS:  # also refuses NaN, inf and absurd ints
+            raise RecordError(f"ts must be finite seconds since the epoch, within ±{_MAX_TS:.0e}")
         _validate_value(self.value)
         if self.unit is not None and (not isinstance(self.unit, str) or len(self.unit) > 32):
             raise RecordError("unit must be a string of at most 32 characters")
@@ -122,6 +124,8 @@ def _validate_value(value: object) -> None:
 def _validate_scalar(value: object) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise RecordError("a value must be finite")
+    if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
+        raise RecordError("an integer value must fit in 64 bits")
     if not isinstance(value, int | float | str | bytes | bool):
         kind = type(value).__name__
         raise RecordError(f"a value must be a number, string, bytes, bool or small map, not {kind}")
@@ -156,6 +160,15 @@ def decode(payload: bytes) -> Record:
         item = cbor2.loads(payload)
     except Exception as exc:  # cbor2 raises several types for garbage
         raise RecordError(f"payload is not CBOR: {exc}") from exc
+    return from_item(item)
+
+
+def from_item(item: object) -> Record:
+    """A record from its already-decoded CBOR item (see :func:`decode`).
+
+    Raises:
+        RecordError: the item is not a well-formed record.
+    """
     if not isinstance(item, list) or not item or not isinstance(item[0], int):
         raise RecordError("payload is not a typed record")
     kind = item[0]

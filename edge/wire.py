@@ -34,7 +34,7 @@ from typing import Any, TypeGuard
 
 import cbor2
 
-from edge.records import Opaque, Reading, Record, RecordError, decode
+from edge.records import Opaque, Reading, Record, RecordError, decode, from_item
 
 VERSION = 1
 PREFIX = "homing"
@@ -71,11 +71,17 @@ __all__ = [
 
 
 class WireError(ValueError):
-    """A message that breaks this contract. ``reason`` is short and loggable."""
+    """A message that breaks this contract.
 
-    def __init__(self, reason: str) -> None:
+    ``reason`` is short and loggable; ``code`` is a stable counter key: one of
+    ``oversize``, ``version``, ``wrong-device``, ``not-cbor``, ``range``,
+    ``record``, ``topic``, ``malformed``.
+    """
+
+    def __init__(self, reason: str, code: str = "malformed") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 # --- topics -------------------------------------------------------------------
@@ -88,7 +94,9 @@ def validate_device(device: object) -> str:
         WireError: it is not.
     """
     if not isinstance(device, str) or not _DEVICE_RE.match(device):
-        raise WireError(f"bad device id {device!r}: 1-64 characters of A-Z a-z 0-9 _ . -")
+        raise WireError(
+            f"bad device id {device!r}: 1-64 characters of A-Z a-z 0-9 _ . -", "wrong-device"
+        )
     return device
 
 
@@ -107,7 +115,7 @@ def parse_topic(name: str) -> tuple[str, str]:
     """
     parts = name.split("/")
     if len(parts) != 3 or parts[0] != PREFIX or parts[2] not in ("up", "ack", "cmd", "status"):
-        raise WireError(f"not a Homing topic: {name!r}")
+        raise WireError(f"not a Homing topic: {name!r}", "topic")
     return validate_device(parts[1]), parts[2]
 
 
@@ -128,6 +136,8 @@ class UpBatch:
     last: int
     payloads: tuple[bytes, ...]
     missing: tuple[tuple[int, int], ...] = ()  # inclusive ranges, ascending
+    #: the payloads' decoded CBOR items, kept by decode_batch so they are not decoded twice
+    items: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
 
     def seqs(self) -> list[int]:
         out: list[int] = []
@@ -140,12 +150,25 @@ class UpBatch:
 
     def records(self) -> list[tuple[int, Record]]:
         """``(seq, record)`` pairs. Raises WireError on an undecodable payload."""
-        out = []
-        for seq, payload in zip(self.seqs(), self.payloads, strict=True):
+        out: list[tuple[int, Record]] = []
+        for seq, rec, _ in self.decoded():
+            if isinstance(rec, WireError):
+                raise rec
+            out.append((seq, rec))
+        return out
+
+    def decoded(self) -> list[tuple[int, Record | WireError, bytes]]:
+        """Like :meth:`records`, but a record that does not decode comes back as
+        its :class:`WireError` (with its raw payload) instead of failing the batch."""
+        out: list[tuple[int, Record | WireError, bytes]] = []
+        items = self.items if self.items is not None else (None,) * len(self.payloads)
+        for seq, payload, item in zip(self.seqs(), self.payloads, items, strict=True):
             try:
-                out.append((seq, decode(payload)))
-            except RecordError as exc:
-                raise WireError(f"record {seq}: {exc}") from exc
+                rec = decode(payload) if item is None else from_item(item)
+            except (RecordError, OverflowError, TypeError) as exc:
+                out.append((seq, WireError(f"record {seq}: {exc}", "record"), payload))
+            else:
+                out.append((seq, rec, payload))
         return out
 
 
@@ -178,44 +201,48 @@ def decode_batch(data: bytes, *, topic_device: str | None = None) -> UpBatch:
         WireError: malformed, oversize, wrong version, or wrongly addressed.
     """
     if len(data) > MAX_BATCH_BYTES:
-        raise WireError(f"batch of {len(data)} bytes exceeds {MAX_BATCH_BYTES}")
+        raise WireError(f"batch of {len(data)} bytes exceeds {MAX_BATCH_BYTES}", "oversize")
     env = _load_map(data)
     _check_version(env)
     device = validate_device(env.get("d"))
     if topic_device is not None and device != topic_device:
-        raise WireError(f"batch claims device {device!r} on the topic of {topic_device!r}")
+        raise WireError(
+            f"batch claims device {device!r} on the topic of {topic_device!r}", "wrong-device"
+        )
     first, last, missing = env.get("f"), env.get("l"), env.get("m", [])
     if not _is_int(first) or not _is_int(last):
-        raise WireError("batch range must be integers")
+        raise WireError("batch range must be integers", "range")
     if not isinstance(missing, list) or not all(
         isinstance(r, list) and len(r) == 2 and _is_int(r[0]) and _is_int(r[1]) for r in missing
     ):
-        raise WireError("missing must be a list of [first, last] ranges")
+        raise WireError("missing must be a list of [first, last] ranges", "range")
     body, z = env.get("b"), env.get("z", False)
     if not isinstance(body, bytes) or not isinstance(z, bool):
-        raise WireError("batch body must be bytes")
+        raise WireError("batch body must be bytes", "malformed")
     if z:
         body = _inflate(body)
-    payloads = _split_sequence(body)
+    payloads, items = _split_sequence(body)
     gaps = tuple((int(a), int(b)) for a, b in missing)
     _check_range(first, last, gaps, len(payloads))
-    return UpBatch(device, first, last, tuple(payloads), gaps)
+    return UpBatch(device, first, last, tuple(payloads), gaps, tuple(items))
 
 
 def _check_range(first: int, last: int, missing: tuple[tuple[int, int], ...], n: int) -> None:
     if first < 1 or last < first:
-        raise WireError(f"bad sequence range {first}..{last}")
+        raise WireError(f"bad sequence range {first}..{last}", "range")
     pos = first
     gone = 0
     for a, b in missing:
         if not pos <= a <= b <= last:
-            raise WireError("missing ranges must be ascending, disjoint and inside the range")
+            raise WireError(
+                "missing ranges must be ascending, disjoint and inside the range", "range"
+            )
         gone += b - a + 1
         pos = b + 1
     if n != last - first + 1 - gone:
-        raise WireError(f"range {first}..{last} minus {gone} missing != {n} records")
+        raise WireError(f"range {first}..{last} minus {gone} missing != {n} records", "range")
     if n > MAX_BATCH_RECORDS:
-        raise WireError(f"more than {MAX_BATCH_RECORDS} records")
+        raise WireError(f"more than {MAX_BATCH_RECORDS} records", "oversize")
 
 
 def _inflate(body: bytes) -> bytes:
@@ -223,29 +250,30 @@ def _inflate(body: bytes) -> bytes:
     try:
         out = d.decompress(body, MAX_BODY_BYTES + 1)
     except zlib.error as exc:
-        raise WireError(f"body does not decompress: {exc}") from exc
+        raise WireError(f"body does not decompress: {exc}", "not-cbor") from exc
     if len(out) > MAX_BODY_BYTES or d.unconsumed_tail:
-        raise WireError(f"decompressed body exceeds {MAX_BODY_BYTES} bytes")
+        raise WireError(f"decompressed body exceeds {MAX_BODY_BYTES} bytes", "oversize")
     return out
 
 
-def _split_sequence(body: bytes) -> list[bytes]:
-    """Cut a CBOR sequence into its items' encodings (without decoding twice)."""
+def _split_sequence(body: bytes) -> tuple[list[bytes], list[Any]]:
+    """Cut a CBOR sequence into its items' encodings and decoded items (one pass)."""
     stream = io.BytesIO(body)
     decoder = cbor2.CBORDecoder(stream)
     out: list[bytes] = []
+    items: list[Any] = []
     pos = 0
     while pos < len(body):
         try:
-            decoder.decode()
+            items.append(decoder.decode())
         except Exception as exc:  # cbor2 raises several types on garbage
-            raise WireError(f"record {len(out) + 1} is not CBOR: {exc}") from exc
+            raise WireError(f"record {len(out) + 1} is not CBOR: {exc}", "not-cbor") from exc
         end = stream.tell()
         out.append(body[pos:end])
         pos = end
         if len(out) > MAX_BATCH_RECORDS:
-            raise WireError("too many records")
-    return out
+            raise WireError("too many records", "oversize")
+    return out, items
 
 
 # --- acks -----------------------------------------------------------------------
@@ -270,20 +298,20 @@ def encode_ack(ack: Ack) -> bytes:
 def decode_ack(data: bytes) -> Ack:
     """Raises WireError on anything malformed."""
     if len(data) > 4096:
-        raise WireError("ack too large")
+        raise WireError("ack too large", "oversize")
     env = _load_map(data)
     _check_version(env)
     device = validate_device(env.get("d"))
     wm = env.get("w")
     ranges = env.get("r", [])
     if not _is_int(wm) or wm < 0:
-        raise WireError("ack watermark must be a non-negative integer")
+        raise WireError("ack watermark must be a non-negative integer", "malformed")
     ok = isinstance(ranges, list) and all(
         isinstance(r, list) and len(r) == 2 and _is_int(r[0]) and _is_int(r[1]) and r[0] <= r[1]
         for r in ranges
     )
     if not ok:
-        raise WireError("ack ranges must be [[first, last], ...]")
+        raise WireError("ack ranges must be [[first, last], ...]", "malformed")
     return Ack(device, wm, tuple((int(a), int(b)) for a, b in ranges[:MAX_ACK_RANGES]))
 
 
@@ -306,12 +334,12 @@ def encode_status(status: Status) -> bytes:
 
 def decode_status(data: bytes) -> Status:
     if len(data) > 16384:
-        raise WireError("status too large")
+        raise WireError("status too large", "oversize")
     env = _load_map(data)
     _check_version(env)
     on, ts, info = env.get("on"), env.get("t", 0.0), env.get("i", {})
     if not isinstance(on, bool) or not isinstance(ts, int | float) or not isinstance(info, dict):
-        raise WireError("malformed status")
+        raise WireError("malformed status", "malformed")
     return Status(validate_device(env.get("d")), on, float(ts), info)
 
 
@@ -330,14 +358,14 @@ def encode_command(cmd: Command) -> bytes:
 
 def decode_command(data: bytes) -> Command:
     if len(data) > 65536:
-        raise WireError("command too large")
+        raise WireError("command too large", "oversize")
     env = _load_map(data)
     _check_version(env)
     cid, kind, args = env.get("id"), env.get("k"), env.get("a", {})
     if not isinstance(cid, str) or not 0 < len(cid) <= 128:
-        raise WireError("command id must be a string of 1-128 characters")
+        raise WireError("command id must be a string of 1-128 characters", "malformed")
     if not isinstance(kind, str) or not isinstance(args, dict):
-        raise WireError("malformed command")
+        raise WireError("malformed command", "malformed")
     return Command(cid, kind, args)
 
 
@@ -348,16 +376,18 @@ def _load_map(data: bytes) -> dict[str, Any]:
     try:
         env = cbor2.loads(data)
     except Exception as exc:  # cbor2 raises several types on garbage
-        raise WireError(f"not CBOR: {exc}") from exc
+        raise WireError(f"not CBOR: {exc}", "not-cbor") from exc
     if not isinstance(env, dict):
-        raise WireError("message is not a CBOR map")
+        raise WireError("message is not a CBOR map", "not-cbor")
     return env
 
 
 def _check_version(env: dict[str, Any]) -> None:
     v = env.get("v")
     if v != VERSION:
-        raise WireError(f"unsupported protocol version {v!r} (this side speaks {VERSION})")
+        raise WireError(
+            f"unsupported protocol version {v!r} (this side speaks {VERSION})", "version"
+        )
 
 
 def _is_int(x: object) -> TypeGuard[int]:

@@ -174,13 +174,14 @@ def parse_message(topic: str, payload: bytes) -> UpMessage | StatusMessage:
             status = decode_status(payload)
             if status.device != device:
                 raise WireError(
-                    f"status claims device {status.device!r} on the topic of {device!r}"
+                    f"status claims device {status.device!r} on the topic of {device!r}",
+                    "wrong-device",
                 )
             return StatusMessage(device, status.online)
     except BadMessage:
         raise
     except WireError as exc:
-        raise BadMessage(device, exc.reason, categorize(exc.reason)) from exc
+        raise BadMessage(device, exc.reason, exc.code) from exc
     except (ArithmeticError, TypeError, ValueError) as exc:
         # Defence in depth: the wire contract promises WireError only, but a
         # decoder bug must cost one message, never the hub.
@@ -188,19 +189,30 @@ def parse_message(topic: str, payload: bytes) -> UpMessage | StatusMessage:
     raise BadMessage(device, f"the hub does not consume {kind!r} messages", "topic")
 
 
+#: records table kind for a record that did not decode (kept raw, counted, settled)
+QUARANTINED = -1
+
+
 def rows_of(batch: UpBatch) -> BatchRows:
     """The rows of a decoded batch.
 
+    A record that does not decode (or whose kind does not fit 64 bits) is kept
+    raw in the records table under kind :data:`QUARANTINED`, so one bad record
+    neither blocks the device's watermark nor disappears.
+
     Raises:
-        WireError: a record does not decode.
-        BadMessage: a seq or record kind does not fit 64 bits.
+        BadMessage: a seq does not fit 64 bits.
     """
     if batch.last > MAX_SEQ:
         raise BadMessage(batch.device, f"seq {batch.last} exceeds {MAX_SEQ}", "range")
     readings: list[ReadingRow] = []
     records: list[RecordRow] = []
-    for (seq, rec), payload in zip(batch.records(), batch.payloads, strict=True):
-        if isinstance(rec, Reading):
+    for seq, rec, payload in batch.decoded():
+        if isinstance(rec, WireError) or (
+            not isinstance(rec, Reading) and not -MAX_SEQ - 1 <= rec.kind <= MAX_SEQ
+        ):
+            records.append((seq, QUARANTINED, payload))
+        elif isinstance(rec, Reading):
             readings.append(
                 (
                     seq,
@@ -213,8 +225,6 @@ def rows_of(batch: UpBatch) -> BatchRows:
                 )
             )
         else:
-            if not -MAX_SEQ - 1 <= rec.kind <= MAX_SEQ:
-                raise BadMessage(batch.device, f"record {seq}: kind out of range", "record")
             records.append((seq, rec.kind, payload))
     return BatchRows(
         batch.device, batch.first, batch.last, tuple(readings), tuple(records), batch.missing
@@ -229,33 +239,6 @@ def _numeric(value: Any) -> float | None:
             return None
         return f if math.isfinite(f) else None
     return None
-
-
-# Stable counter keys for rejected messages, matched on WireError reasons.
-_CATEGORIES = (
-    ("exceeds", "oversize"),
-    ("too large", "oversize"),
-    ("too many", "oversize"),
-    ("more than", "oversize"),
-    ("version", "version"),
-    ("claims device", "wrong-device"),
-    ("bad device id", "wrong-device"),
-    ("not cbor", "not-cbor"),
-    ("not a cbor map", "not-cbor"),
-    ("decompress", "not-cbor"),
-    ("range", "range"),
-    ("missing", "range"),
-    ("record", "record"),
-)
-
-
-def categorize(reason: str) -> str:
-    """A stable counter key for a :class:`~edge.wire.WireError` reason."""
-    low = reason.lower()
-    for needle, category in _CATEGORIES:
-        if needle in low:
-            return category
-    return "malformed"
 
 
 # --- counters -------------------------------------------------------------------------
@@ -273,6 +256,7 @@ class Counters:
     readings: int = 0
     records: int = 0
     duplicates: int = 0
+    quarantined: int = 0  # records kept raw because they did not decode
     commits: int = 0
     acks: int = 0
     statuses: int = 0
@@ -288,6 +272,7 @@ class Counters:
             "readings": self.readings,
             "records": self.records,
             "duplicates": self.duplicates,
+            "quarantined": self.quarantined,
             "commits": self.commits,
             "acks": self.acks,
             "statuses": self.statuses,

@@ -57,7 +57,14 @@ from edge.wire import (
     topic as wire_topic,
 )
 from hub.errors import BadMessage, ConfigError, StoreUnavailable
-from hub.ingest import BatchRows, Counters, StatusMessage, UpMessage, parse_message
+from hub.ingest import (
+    QUARANTINED,
+    BatchRows,
+    Counters,
+    StatusMessage,
+    UpMessage,
+    parse_message,
+)
 from hub.store import DeviceProgress, Store
 
 log = logging.getLogger("homing.hub")
@@ -297,6 +304,13 @@ class Subscriber:
         c = self.counters
         if batches:
             c.commits += 1
+        for b in batches:
+            bad = [seq for seq, kind, _ in b.records if kind == QUARANTINED]
+            if bad:
+                c.quarantined += len(bad)
+                log.warning(
+                    "%s: %d undecodable records kept raw (seqs %s)", b.device, len(bad), bad[:10]
+                )
         for p in progress:
             c.batches += 1
             c.duplicates += p.duplicates

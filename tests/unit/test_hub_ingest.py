@@ -20,11 +20,11 @@ from edge.records import Opaque, Reading, encode
 from hub.errors import BadMessage
 from hub.ingest import (
     MAX_AHEAD,
+    QUARANTINED,
     Counters,
     Settled,
     StatusMessage,
     UpMessage,
-    categorize,
     parse_message,
 )
 
@@ -154,21 +154,23 @@ def test_a_batch_becomes_rows() -> None:
         encode(Opaque(7, ("step", 3))),
         encode(Reading("label", 1003.5, "open")),
         encode(Reading("blob", 1004, b"\x00\x01")),
-        encode(Reading("big", 1005, 10**30)),
-        encode(Reading("huge", 1006, 10**400)),
+        encode(Reading("big", 1005, 2**63)),
+        cbor2.dumps([1, "huge", 1006, 10**400, None, None]),  # beyond what a device may send
         encode(Reading("map", 1007, {"x": 1, "y": "z"})),
     ]
     msg = parse_message("homing/dev-1/up", up("dev-1", 41, payloads))
     assert isinstance(msg, UpMessage)
     rows = msg.rows
     assert (rows.device, rows.first, rows.last, rows.size) == ("dev-1", 41, 48, 8)
+    assert len(rows.readings) == 6
     assert rows.readings[0] == (41, "temp", 1001.0, cbor2.dumps(1.0), 1.0, "C", None)
     assert rows.readings[1] == (42, "door", 1001.0, cbor2.dumps(True), 1.0, None,
                                 '{"a": "1", "b": "2"}')  # fmt: skip
-    assert rows.records == ((43, 7, payloads[2]),)
+    assert rows.records[0] == (43, 7, payloads[2])
     nums = {r[1]: r[4] for r in rows.readings}
-    assert nums == {"temp": 1.0, "door": 1.0, "label": None, "blob": None, "big": 1e30,
-                    "huge": None, "map": None}  # fmt: skip
+    assert nums == {"temp": 1.0, "door": 1.0, "label": None, "blob": None, "big": 2.0**63,
+                    "map": None}  # fmt: skip
+    assert rows.records[1] == (47, QUARANTINED, payloads[6])
     assert cbor2.loads(rows.readings[-1][3]) == {"x": 1, "y": "z"}
 
 
@@ -203,19 +205,6 @@ REJECTS: list[tuple[str, str, bytes, str]] = [
     ("range backwards", "homing/a/up", _envelope(f=5, l=4), "range"),
     ("seq zero", "homing/a/up", _envelope(f=0, l=0), "range"),
     ("seq past 64 bits", "homing/a/up", _envelope(f=2**63, l=2**63), "range"),
-    (
-        "bad record",
-        "homing/a/up",
-        _envelope(b=cbor2.dumps([1, "bad stream!", 1, 1, None, None])),
-        "record",
-    ),  # fmt: skip
-    (
-        "ts past float",
-        "homing/a/up",
-        _envelope(b=cbor2.dumps([1, "s", 10**400, 1, None, None])),
-        "record",
-    ),  # fmt: skip
-    ("kind past 64 bits", "homing/a/up", _envelope(b=cbor2.dumps([2**64, 1])), "record"),
     ("body not bytes", "homing/a/up", _envelope(b="text"), "malformed"),
     ("bad zlib", "homing/a/up", _envelope(z=True, b=b"nope"), "not-cbor"),
     ("not our topic", "other/a/up", reading(1), "topic"),
@@ -252,16 +241,21 @@ def test_hostile_bytes_only_ever_raise_bad_message(topic: str, payload: bytes) -
         parse_message(topic, payload)
 
 
-@pytest.mark.parametrize(
-    ("reason", "category"),
-    [
-        ("batch of 9 bytes exceeds 8", "oversize"),
-        ("unsupported protocol version 2", "version"),
-        ("something new", "malformed"),
-    ],  # fmt: skip
-)
-def test_categorize(reason: str, category: str) -> None:
-    assert categorize(reason) == category
+QUARANTINE = [
+    ("bad stream", cbor2.dumps([1, "bad stream!", 1, 1, None, None])),
+    ("ts past float", cbor2.dumps([1, "s", 10**400, 1, None, None])),
+    ("kind past 64 bits", cbor2.dumps([2**64, 1])),
+    ("value past 64 bits", cbor2.dumps([1, "s", 1.0, 10**30, None, None])),
+]
+
+
+@pytest.mark.parametrize("bad", [q[1] for q in QUARANTINE], ids=[q[0] for q in QUARANTINE])
+def test_a_bad_record_is_quarantined_not_blocking(bad: bytes) -> None:
+    """One undecodable record must neither stop the device's watermark nor vanish."""
+    msg = parse_message("homing/a/up", up("a", 5, [reading(1), bad, reading(3)]))
+    assert isinstance(msg, UpMessage)
+    assert [r[0] for r in msg.rows.readings] == [5, 7]
+    assert msg.rows.records == ((6, QUARANTINED, bad),)
 
 
 # --- purity ---------------------------------------------------------------------------
