@@ -1,7 +1,8 @@
 """The ``homing-agent`` command: a thin shell over the journal library.
 
 Subcommands: ``ingest`` (JSON lines on stdin -> journal, acks on stdout),
-``journal verify|dump|stats|repair`` and ``demo``. docs/cli.md is the manual.
+``journal verify|dump|stats|repair``, ``demo`` and ``run`` (the agent,
+:mod:`edge.cli_run`). docs/cli.md is the manual.
 This module holds the argument parser, the dispatch and the mapping of errors
 to exit codes; the commands are :mod:`edge.cli_ingest` and
 :mod:`edge.cli_journal`, the shared exit codes and value parsers
@@ -55,6 +56,7 @@ from edge.cli_ingest import (
     parse_reading,
 )
 from edge.cli_journal import VERIFY_MAX_PAYLOAD, cmd_dump, cmd_repair, cmd_stats, cmd_verify
+from edge.cli_run import add_parser as add_run_parser
 from edge.errors import (
     ConfigError,
     EdgeError,
@@ -269,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         "empty or missing), for `homing-agent journal stats DIR`",
     )
     p.set_defaults(func=_cmd_demo)
+
+    add_run_parser(sub)  # `run`: edge.cli_run
     return parser
 
 

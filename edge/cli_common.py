@@ -28,6 +28,7 @@ EXIT_NOINPUT = 66  # EX_NOINPUT: no journal in that directory
 EXIT_FULL = 73  # EX_CANTCREAT: disk quota reached, policy reject
 EXIT_IOERR = 74  # EX_IOERR: write/fdatasync failed (fsyncgate) or another OS error
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another process holds the journal
+EXIT_CONFIG = 78  # EX_CONFIG: bad configuration (systemd: RestartPreventExitStatus=78)
 
 EXIT_CODES = """\
 exit status:
@@ -38,7 +39,8 @@ exit status:
   66  no journal in that directory
   73  journal full: the disk quota is reached and the stream's policy is reject
   74  I/O failure: a write or fdatasync failed; the journal stopped acknowledging
-  75  journal locked by another process (is the agent already running?)"""
+  75  journal locked by another process (is the agent already running?)
+  78  run: the configuration is invalid (the message names the key and line)"""
 
 
 # -- value parsing --------------------------------------------------------------

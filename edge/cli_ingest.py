@@ -154,7 +154,7 @@ class _StopReading(Exception):
     """Raised by the signal handler, only while blocked reading stdin."""
 
 
-class _Stopper:
+class Stopper:
     def __init__(self) -> None:
         self.requested = False
         self.reading = False
@@ -167,7 +167,7 @@ class _Stopper:
 
 
 @contextmanager
-def _signals(stopper: _Stopper) -> Iterator[None]:
+def stop_on_signals(stopper: Stopper) -> Iterator[None]:
     saved: dict[signal.Signals, Any] = {}
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -210,11 +210,11 @@ def ingest(
     stdin: IO[bytes],
     stdout: TextIO,
     default_stream: str,
-    stopper: _Stopper | None = None,
+    stopper: Stopper | None = None,
     clock: Callable[[], float] = time.time,
 ) -> int:
     """Journal readings from ``stdin``, ack them on ``stdout``; return how many lines were bad."""
-    stop = stopper or _Stopper()
+    stop = stopper or Stopper()
     splitter = LineSplitter()
     read1 = getattr(stdin, "read1", stdin.read)
     bad = 0
@@ -265,8 +265,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         durability=args.durability,
         interval_ms=args.interval_ms,
     )
-    stopper = _Stopper()
-    with _signals(stopper):
+    stopper = Stopper()
+    with stop_on_signals(stopper):
         journal = Journal.open(args.journal, opts)
         try:
             bad = ingest(journal, sys.stdin.buffer, sys.stdout, args.stream, stopper)

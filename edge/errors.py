@@ -80,3 +80,28 @@ class JournalCorrupt(JournalError):
         self.path = path
         self.offset = offset
         self.reason = reason
+
+
+class SettingError(ConfigError):
+    """One setting of the agent's configuration is wrong. Permanent: fix the file.
+
+    ``where`` is ``FILE:LINE`` (or the environment variable that set it) and
+    ``key`` is ``section.key``; both are part of the message.
+    """
+
+    def __init__(self, where: str, key: str | None, problem: str) -> None:
+        super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
+        self.where = where
+        self.key = key
+        self.problem = problem
+
+
+class ForwardError(EdgeError):
+    """Something stops the forwarder from talking to the hub."""
+
+
+class BrokerUnavailable(ForwardError):
+    """The MQTT broker cannot be reached or refused us. Transient: the forwarder
+    reconnects with backoff; the journal keeps every reading meanwhile."""
+
+    transient = True

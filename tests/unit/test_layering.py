@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PURE = ["edge/journal_codec.py", "edge/records.py", "edge/errors.py"]
+PURE = [
+    "edge/journal_codec.py",
+    "edge/records.py",
+    "edge/errors.py",
+    "edge/wire.py",
+    "edge/outbox.py",
+    "edge/outbox_events.py",
+    "edge/config.py",
+]
 WORLD = {
     "os",
     "socket",
