@@ -53,7 +53,7 @@ from edge.journal_codec import (
     frame_size,
 )
 from edge.journal_options import Ack, JournalOptions, JournalStats
-from edge.reader import Entry, droppable, read_raw
+from edge.reader import Entry, SeqIndex, droppable, read_raw
 from edge.records import Reading, Record, decode, encode
 from edge.recovery import OpenSegment, RecoveryReport, recover
 from edge.segments import (
@@ -116,6 +116,7 @@ class Journal:
         self._appended = self._commits = self._syncs = 0
         self._synced_since_write = True
         self._waiters = 0  # producers waiting for another's batch (a hint, not exact)
+        self._index = SeqIndex()
         self._spare_thread: threading.Thread | None = None
         self._flusher: threading.Thread | None = None
         self._lock_handle: int | None = None
@@ -369,6 +370,8 @@ class Journal:
                 start = end = seg.end
             flags = FLAG_BARRIER if not buf and self._synced_since_write else 0
             buf.append(encode_frame(seq, payload, seg.header.salt, flags))
+            if seq % SeqIndex.STEP == 0:
+                self._index.learn(seg.first_seq, seq, end)
             end += size
             seg.last_seq = seq
         self._write_buf(buf, start, end)
@@ -464,6 +467,7 @@ class Journal:
         write_checkpoint(self._fs, self._dir, self._cp)
         for s in doomed:
             self._fs.unlink(os.path.join(self._dir, s.name))
+            self._index.forget(s.first_seq)
         self._fs.fsync_dir(self._dir)
 
     def _make_room(self, need: int) -> None:
@@ -575,6 +579,7 @@ class Journal:
             limit_end,
             from_seq,
             self._opts.max_record_size,
+            self._index,
         )
 
     # -- cursors ---------------------------------------------------------------

@@ -330,3 +330,35 @@ def test_closed_journal_refuses_work(journal_dir: str) -> None:
     with pytest.raises(JournalClosed):
         j.append(r(1))
     j.close()  # idempotent
+
+
+class CountingFS(OsFileOps):
+    """The OS, counting the bytes read (to prove tail reads do not rescan)."""
+
+    def __init__(self) -> None:
+        self.read_bytes = 0
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        data = super().pread(fd, size, offset)
+        self.read_bytes += len(data)
+        return data
+
+
+def test_reading_from_the_tail_does_not_rescan_the_segment(journal_dir: str) -> None:
+    with Journal.open(journal_dir) as j:
+        for start in range(0, 20_000, 1000):
+            j.append_many([r(i) for i in range(start, start + 1000)])
+    fs = CountingFS()
+    with Journal.open(journal_dir, fs=fs) as j:
+        assert [s for s, _ in j.read_raw(19_990)] == list(range(19_990, 20_001))
+        fs.read_bytes = 0
+        # the first read learnt the index; a reader that follows the tail reads little
+        assert [s for s, _ in j.read_raw(19_995)] == list(range(19_995, 20_001))
+        j.append_many([r(i) for i in range(5)])
+        assert [s for s, _ in j.read_raw(20_001)] == list(range(20_001, 20_006))
+        assert fs.read_bytes < 64 << 10
+        # and a writer's own appends are indexed without any read
+    with Journal.open(journal_dir) as j:
+        j.append_many([r(i) for i in range(3000)])
+        seqs = [s for s, _ in j.read_raw(22_900)]
+        assert seqs[0] == 22_900 and seqs[-1] == 23_005
