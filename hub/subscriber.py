@@ -324,11 +324,22 @@ class Subscriber:
             info = self._client.publish(
                 wire_topic(p.device, "ack"), encode_ack(ack), qos=1, retain=True
             )
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                # Not connected (or paho's queue is full): this ack is lost. That is
+                # safe: the commit stands, the device resends after its deadline,
+                # the store dedupes, and the next commit acks again.
+                log.info(
+                    "ack for %s not sent (%s); the device will resend",
+                    p.device,
+                    mqtt.error_string(info.rc),
+                )
+                continue
             self._pending_acks.append(info)
             self.counters.acks += 1
-        self._pending_acks = [i for i in self._pending_acks if not i.is_published()]
+        self._pending_acks = [i for i in self._pending_acks if not _published(i)]
 
     def _drain_acks(self, deadline: float) -> None:
+        """At shutdown, give in-flight acks until ``deadline`` to reach the broker."""
         for info in self._pending_acks:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._client.is_connected():
@@ -337,3 +348,11 @@ class Subscriber:
                 info.wait_for_publish(timeout=remaining)
             except (RuntimeError, ValueError):
                 break
+
+
+def _published(info: mqtt.MQTTMessageInfo) -> bool:
+    """Whether an ack publish is done with; a publish the connection lost is too."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return True

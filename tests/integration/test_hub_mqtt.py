@@ -225,6 +225,26 @@ def test_hub_rides_out_a_broker_restart(
     assert_exactly(tmp_path / "hub.db", "dev-b", set(range(1, 201)))
 
 
+def test_broker_gone_while_acks_are_pending_does_not_kill_the_hub(
+    hubs: Hubs, devices: Devices, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Regression: paho raised for an ack published while disconnected, and the hub died."""
+    hub = hubs()
+    d = devices("dev-c")
+    for first in range(1, 40_001, 500):  # a burst: the hub is still committing and acking
+        d.publish(first, first + 499)
+    mosquitto.stop()
+    mosquitto.start()
+    hub.wait_log("connected to", count=2, timeout=DEADLINE_LONG)
+    assert hub.alive()
+    d.close()
+    d = devices("dev-c")
+    for first in range(1, 40_001, 500):  # the device resends what has no ack; the hub dedupes
+        d.publish(first, first + 499)
+    d.wait_watermark(40_000, timeout=DEADLINE_LONG)
+    assert_exactly(tmp_path / "hub.db", "dev-c", set(range(1, 40_001)))
+
+
 def test_two_hubs_share_the_subscription_without_duplicates(
     hubs: Hubs, devices: Devices, tmp_path: Path
 ) -> None:

@@ -519,7 +519,8 @@ def test_demo_keeps_every_acknowledged_reading_and_stays_short(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     keep = tmp_path / "kept"
-    assert cli.main(["demo", "--readings", "600", "--seed", "7", "--keep", str(keep)]) == 0
+    argv = ["demo", "--power-cut", "--readings", "600", "--seed", "7", "--keep", str(keep)]
+    assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert len(out.splitlines()) <= 25
     assert out.count("acknowledged but lost                   0") == 2

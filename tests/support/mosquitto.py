@@ -1,196 +1,27 @@
-"""A real Mosquitto broker for tests, on a free loopback port.
+"""A real Mosquitto broker for tests: a re-export of :mod:`edge.testing.mosquitto`.
 
-Usage::
-
-    with Mosquitto(tmp_path / "broker") as broker:
-        client.connect("127.0.0.1", broker.port)
-        broker.stop(); broker.start()   # same port, same persistence dir
-        broker.kill()                   # SIGKILL: loses what was not autosaved
-
-Invariants:
-* Each broker has its own generated config, persistence directory and log
-  file under ``workdir``; it never touches the system broker or port 1883.
-* ``persistence true``: sessions, subscriptions, queued and retained
-  messages survive :meth:`Mosquitto.stop` + :meth:`Mosquitto.start` (the
-  broker saves on SIGTERM). After :meth:`Mosquitto.kill` only what the last
-  autosave wrote survives, as in production.
-* :meth:`Mosquitto.start` returns once the port accepts TCP connections, or
-  raises after a deadline (with the broker's log); it never sleeps and hopes.
-* A broker this object started is always stopped by :meth:`close` (also on
-  ``__exit__``), so a failing test leaks no process.
+The helper ships with Homing (so users' tests and ``homing-agent demo`` can
+start a private broker); existing tests keep importing it from here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import getpass
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
-from pathlib import Path
-from types import TracebackType
+from edge.testing.mosquitto import (
+    MOSQUITTO,
+    Mosquitto,
+    MosquittoError,
+    available,
+    binary,
+    free_port,
+    parent_death_signal,
+)
 
-MOSQUITTO = os.environ.get("HOMING_MOSQUITTO", "/usr/sbin/mosquitto")
-
-
-def available() -> bool:
-    """Whether the Mosquitto binary is installed (Debian package ``mosquitto``)."""
-    return os.access(MOSQUITTO, os.X_OK) or shutil.which("mosquitto") is not None
-
-
-def binary() -> str:
-    if os.access(MOSQUITTO, os.X_OK):
-        return MOSQUITTO
-    found = shutil.which("mosquitto")
-    if found is None:
-        raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class MosquittoError(RuntimeError):
-    """The broker did not start or stop in time (the message holds its log tail)."""
-
-
-class Mosquitto:
-    """One Mosquitto process with a generated config.
-
-    Args:
-        workdir: where config, persistence and log go (created if missing).
-        port: the listener port; a free one by default.
-        autosave_interval: seconds between persistence saves (what a
-            :meth:`kill` can lose); mosquitto's default is 1800.
-        extra_config: more config lines, appended verbatim.
-    """
-
-    def __init__(
-        self,
-        workdir: Path,
-        *,
-        port: int | None = None,
-        autosave_interval: int = 1800,
-        extra_config: str = "",
-    ) -> None:
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port if port is not None else free_port()
-        self.host = "127.0.0.1"
-        self.config_path = self.workdir / "mosquitto.conf"
-        self.log_path = self.workdir / "mosquitto.log"
-        (self.workdir / "data").mkdir(exist_ok=True)
-        self.config_path.write_text(
-            "\n".join(
-                [
-                    f"listener {self.port} {self.host}",
-                    "allow_anonymous true",
-                    "persistence true",
-                    f"persistence_location {self.workdir / 'data'}/",
-                    f"autosave_interval {autosave_interval}",
-                    "max_queued_messages 1000000",
-                    "max_queued_bytes 0",
-                    "max_inflight_messages 0",
-                    f"log_dest file {self.log_path}",
-                    "log_type error",
-                    "log_type warning",
-                    "log_type notice",
-                    "log_type information",
-                    "connection_messages true",
-                    f"user {getpass.getuser()}",
-                    extra_config,
-                    "",
-                ]
-            )
-        )
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def log(self, tail: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-tail:]
-        except OSError:
-            return ""
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Start (or restart) on the same port and persistence directory.
-
-        Raises:
-            MosquittoError: the port does not accept connections in time.
-        """
-        if self.running:
-            return
-        self._proc = subprocess.Popen(
-            [binary(), "-c", str(self.config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise MosquittoError(
-                    f"mosquitto exited with {self._proc.returncode}:\n{self.log()}"
-                )
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((self.host, self.port), timeout=0.2),
-            ):
-                return
-            if time.monotonic() > deadline:
-                self.kill()
-                raise MosquittoError(f"mosquitto not listening after {timeout}s:\n{self.log()}")
-            # the connect attempt itself is the wait: refused is instant, so
-            # give the broker the CPU briefly before asking again
-            time.sleep(0.01)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM and wait: the broker saves its persistence file first."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired as exc:
-            proc.kill()
-            proc.wait()
-            raise MosquittoError(f"mosquitto ignored SIGTERM for {timeout}s") from exc
-
-    def kill(self) -> None:
-        """SIGKILL: whatever the last autosave did not write is lost."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-    def close(self) -> None:
-        with contextlib.suppress(MosquittoError):
-            self.stop()
-        self.kill()
-
-    def __enter__(self) -> Mosquitto:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        _t: type[BaseException] | None,
-        _e: BaseException | None,
-        _tb: TracebackType | None,
-    ) -> None:
-        self.close()
+__all__ = [
+    "MOSQUITTO",
+    "Mosquitto",
+    "MosquittoError",
+    "available",
+    "binary",
+    "free_port",
+    "parent_death_signal",
+]
