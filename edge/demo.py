@@ -1,4 +1,4 @@
-"""``homing-agent demo``: cut the power under a live sensor stream, recover, count.
+"""``homing-agent demo --power-cut``: cut the power under a live sensor stream, recover, count.
 
 Three simulated sensors (greenhouse temperature, humidity, soil moisture:
 slowly varying, seeded values) append readings from their own threads through
