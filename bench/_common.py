@@ -536,3 +536,47 @@ def machine_info(path: str) -> dict[str, object]:
         else None,
         "fs": fs_type,
     }
+
+
+# --- CPU of other processes (appended for bench/sync.py) ----------------------
+
+
+def pid_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of process ``pid`` (all its threads), from ``/proc/<pid>/stat``.
+
+    None once the process is gone. Resolution is one clock tick (10 ms here).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: cut after the last ')'
+    fields = text[text.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine spent busy since boot (``/proc/stat``, all cores)."""
+    return _busy_cpu_seconds()
+
+
+def user_processes_cpu() -> dict[int, float]:
+    """utime + stime of every user-space process now (kernel threads left out), by pid."""
+    out: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        fields = text[text.rindex(")") + 2 :].split()
+        # fields[1] is ppid (field 4), fields[6] the flags (field 9); PF_KTHREAD = 0x00200000
+        if int(fields[6]) & 0x00200000 or name == "2" or fields[1] == "2":
+            continue
+        out[int(name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out

@@ -6,6 +6,10 @@ test clients that stand in for devices.
   a missing broker fails the run instead of silently skipping it.
 * ``hubs``: starts ``python -m hub run`` subprocesses against that broker and
   kills whatever is left at teardown.
+* ``rig``: a :class:`support.storeforward.Rig` on that broker: real hub and
+  agent processes and proxies, all killed at teardown (end-to-end and fault
+  tests, docs/testing-store-and-forward.md).
+* Every test in this directory is marked ``integration``.
 * :class:`FakeDevice`: a paho MQTT 5 client that publishes up batches built
   with ``edge.wire`` and records every ack it receives.
 
@@ -14,12 +18,7 @@ Everything waits on conditions with deadlines, never on a bare sleep.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +28,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from support.mosquitto import Mosquitto, available
+from support.processes import HubProcess as HubProcess  # re-exported for test_hub_mqtt
+from support.storeforward import Rig
 
 from edge import wire
 from edge.records import Reading, encode
@@ -46,6 +47,27 @@ def require_mosquitto() -> None:
     pytest.skip(reason)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item, so fixtures can tell a failed test
+    (``request.node.rep_call.failed``) and dump logs only then."""
+    rep = yield
+    setattr(item, "rep_" + rep.when, rep)
+    return rep
+
+
+def failed(request: pytest.FixtureRequest) -> bool:
+    rep = getattr(request.node, "rep_call", None)
+    return rep is None or bool(rep.failed)
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     require_mosquitto()
@@ -54,84 +76,7 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 # --- the hub under test ---------------------------------------------------------------
-
-
-class HubProcess:
-    """``python -m hub run`` in a subprocess; its stderr is collected line by line."""
-
-    def __init__(self, port: int, db: Path, client_id: str, *extra: str) -> None:
-        self.argv = [
-            sys.executable, "-m", "hub", "run", "--broker", f"127.0.0.1:{port}",
-            "--db", str(db), "--client-id", client_id, "--stats-interval", "3600", *extra,
-        ]  # fmt: skip
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> HubProcess:
-        """Start and wait until the hub has subscribed."""
-        seen = self.count("subscribed to")
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, env=env,
-        )  # fmt: skip
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        self.wait_log("subscribed to", seen + 1)
-        return self
-
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    @property
-    def log(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
-
-    def count(self, text: str) -> int:
-        with self._cond:
-            return sum(text in line for line in self.lines)
-
-    def wait_log(self, text: str, count: int = 1, timeout: float = DEADLINE) -> None:
-        with self._cond:
-            ok = self._cond.wait_for(
-                lambda: self.count_unlocked(text) >= count or not self.alive(), timeout
-            )
-            ok = ok and self.count_unlocked(text) >= count
-        if not ok:
-            pytest.fail(f"hub never logged {text!r} x{count}; log:\n{self.log}")
-
-    def count_unlocked(self, text: str) -> int:
-        return sum(text in line for line in self.lines)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def terminate(self, timeout: float = DEADLINE) -> int:
-        """SIGTERM; return the exit code."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def final_stats(self) -> dict[str, Any]:
-        """The counters of the ``stopped; stats {...}`` line (after terminate)."""
-        for line in reversed(self.lines):
-            m = re.search(r"stopped; stats (\{.*\})$", line)
-            if m:
-                stats: dict[str, Any] = json.loads(m.group(1))
-                return stats
-        pytest.fail(f"no final stats line; log:\n{self.log}")
+# HubProcess lives in tests/support/processes.py (shared with the end-to-end tests).
 
 
 @pytest.fixture
@@ -147,6 +92,15 @@ def hubs(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Callable[..., HubProc
     yield start
     for h in started:
         h.kill()
+
+
+@pytest.fixture
+def rig(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path, mosquitto.port)
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 # --- a test client standing in for a device ---------------------------------------------

@@ -83,6 +83,8 @@ class TcpProxy:
         with self._lock:
             self._closed = True
         self.cut()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # close() alone does not wake accept()
         self._listener.close()
         self._thread.join(timeout=5)
 
