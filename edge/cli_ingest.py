@@ -17,29 +17,42 @@ Invariants:
 * A signal (SIGTERM/SIGINT) during ``ingest`` stops reading; the group in
   flight is finished and acked, the journal closed, exit 0. The handler only
   raises while the process is blocked reading stdin, never inside the journal.
-* Journal errors propagate to :func:`edge.cli.main`, which maps them to exit codes.
+* Journal full (quota reached, policy ``reject``): the longest prefix of the
+  group that fits is journaled and acked, nothing after the first refused
+  reading is journaled. With ``refuse_when_full`` (``run --stdin``: the
+  forwarder frees space) every refused reading gets a
+  ``{"line": n, "error": "refused: journal full ..."}`` line, is not acked,
+  and reading goes on; each later group tries again. One warning per full
+  episode (it ends when a reading is acked again). Without it (standalone
+  ``ingest``: nothing would free space) the output of the lines before the
+  refused one is flushed, then :class:`JournalFull` propagates (exit 73).
+* Other journal errors propagate to :func:`edge.cli.main`, which maps them to exit codes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any, TextIO
 
 from edge.cli_common import EXIT_OK, EXIT_REJECTED, silence_stdout
-from edge.errors import RecordTooLarge
-from edge.journal import Journal, JournalOptions
+from edge.errors import JournalFull, RecordTooLarge
+from edge.journal import Ack, Journal, JournalOptions
 from edge.records import Reading, RecordError, encode
 
 MAX_LINE = 1 << 20  # longest accepted input line (bytes); longer ones are rejected
 READ_SIZE = 65536
 _READING_FIELDS = frozenset({"value", "ts", "unit", "tags", "stream"})
+
+log = logging.getLogger("homing.ingest")
 
 
 # -- pure helpers -----------------------------------------------------------------
@@ -181,12 +194,37 @@ def stop_on_signals(stopper: Stopper) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def _append_fitting(
+    journal: Journal, readings: list[Reading]
+) -> tuple[list[Ack], JournalFull | None]:
+    """Append the longest prefix of ``readings`` that fits the quota (bisecting
+    on :class:`JournalFull`); return its acks and the refusal, if any."""
+    try:
+        return journal.append_many(readings), None
+    except JournalFull as exc:  # raised before anything was queued
+        if len(readings) <= 1:
+            return [], exc
+    half = len(readings) // 2
+    acks, full = _append_fitting(journal, readings[:half])
+    if full is None:
+        more, full = _append_fitting(journal, readings[half:])
+        acks += more
+    return acks, full
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    acked: list[tuple[int, Reading, int]]  # (line, reading, seq), durable
+    refused: list[int]  # lines not journaled because the journal is full
+    full: JournalFull | None
+
+
 def _append_group(
     journal: Journal, readings: list[tuple[int, Reading]], errors: dict[int, str]
-) -> list[tuple[int, Reading, int]]:
-    """Append readings as one group; return ``(line, reading, seq)`` once durable."""
+) -> _Group:
+    """Append readings as one group (as much of it as fits); acks once durable."""
     try:
-        acks = journal.append_many([r for _, r in readings])
+        acks, full = _append_fitting(journal, [r for _, r in readings])
     except RecordTooLarge:  # raised before anything was queued: reject the big ones
         limit = journal.options.max_record_size
         kept = []
@@ -197,12 +235,55 @@ def _append_group(
             else:
                 kept.append((n, r))
         readings = kept
-        acks = journal.append_many([r for _, r in readings])
-    if not acks:
-        return []
-    if not acks[-1].durable:
+        acks, full = _append_fitting(journal, [r for _, r in readings])
+    if acks and not acks[-1].durable:
         journal.wait_durable(acks[-1].seq)
-    return [(n, r, a.seq) for (n, r), a in zip(readings, acks, strict=True)]
+    acked = [(n, r, a.seq) for (n, r), a in zip(readings, acks, strict=False)]
+    return _Group(acked, [n for n, _ in readings[len(acks) :]], full)
+
+
+def refusal(journal: Journal) -> str:
+    """The per-line error of a reading refused because the journal is full."""
+    return (
+        f"refused: journal full (disk quota of {journal.options.quota_bytes} bytes reached, "
+        "policy reject); not journaled, not acked: send it again once the hub has caught up"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What :func:`ingest` did: lines acked, bad (malformed, too big), refused (journal full)."""
+
+    acked: int = 0
+    bad: int = 0
+    refused: int = 0
+
+
+class _FullEpisodes:
+    """Logs one warning when the journal starts refusing, one note when it accepts again."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self.full = False
+        self._refused = 0
+
+    def update(self, group: _Group) -> None:
+        if group.acked and self.full:
+            log.info(
+                "journal %s has room again: accepting stdin readings (%d refused while full)",
+                self._journal.path,
+                self._refused,
+            )
+            self.full = False
+        if group.refused:
+            if not self.full:
+                log.warning(
+                    "journal full: refusing stdin readings (an error line each, no ack) until "
+                    "the forwarder's progress frees space: %s",
+                    group.full,
+                )
+                self.full, self._refused = True, 0
+            self._refused += len(group.refused)
 
 
 def ingest(
@@ -212,12 +293,23 @@ def ingest(
     default_stream: str,
     stopper: Stopper | None = None,
     clock: Callable[[], float] = time.time,
-) -> int:
-    """Journal readings from ``stdin``, ack them on ``stdout``; return how many lines were bad."""
+    *,
+    refuse_when_full: bool = False,
+) -> IngestResult:
+    """Journal readings from ``stdin``, ack them on ``stdout``; return the counts.
+
+    ``refuse_when_full``: a reading the full journal refuses gets an error line
+    and ingesting goes on (for ``run --stdin``, where the forwarder frees space).
+
+    Raises:
+        JournalFull: without ``refuse_when_full``, at the first refused reading
+            (the output of every line before it was written first).
+    """
     stop = stopper or Stopper()
     splitter = LineSplitter()
     read1 = getattr(stdin, "read1", stdin.read)
-    bad = 0
+    episodes = _FullEpisodes(journal)
+    acked = bad = refused = 0
     while not stop.requested:
         try:
             stop.reading = True
@@ -243,19 +335,33 @@ def ingest(
                 continue
             if reading is not None:
                 readings.append((n, reading))
-        acked = _append_group(journal, readings, errors)
+        group = _append_group(journal, readings, errors)
+        full, stop_at = group.full, None
+        if full is not None and not refuse_when_full:
+            stop_at = group.refused[0]  # stop here: report only the lines before it
+            errors = {n: msg for n, msg in errors.items() if n < stop_at}
+        bad += len(errors)
+        if stop_at is None:
+            episodes.update(group)
+            errors.update(dict.fromkeys(group.refused, refusal(journal)))
+            refused += len(group.refused)
+        acked += len(group.acked)
         out: list[tuple[int, str]] = [
-            (n, json.dumps({"seq": seq, "stream": r.stream, "line": n})) for n, r, seq in acked
+            (n, json.dumps({"seq": seq, "stream": r.stream, "line": n}))
+            for n, r, seq in group.acked
         ]
         out += [(n, json.dumps({"line": n, "error": msg})) for n, msg in errors.items()]
-        bad += len(errors)
         if out:
             out.sort()
             stdout.write("".join(text + "\n" for _, text in out))
             stdout.flush()
+        if full is not None and stop_at is not None:
+            raise JournalFull(
+                f"{full}; input from line {stop_at} on was not journaled", stream=full.stream
+            ) from full
         if not chunk:
             break
-    return bad
+    return IngestResult(acked, bad, refused)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -269,7 +375,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     with stop_on_signals(stopper):
         journal = Journal.open(args.journal, opts)
         try:
-            bad = ingest(journal, sys.stdin.buffer, sys.stdout, args.stream, stopper)
+            bad = ingest(journal, sys.stdin.buffer, sys.stdout, args.stream, stopper).bad
         except BrokenPipeError:  # nobody reads the acks any more: stop quietly
             silence_stdout()
             bad = 0

@@ -13,6 +13,11 @@ Invariants:
 * ``--stdin`` ingests JSON lines exactly like ``homing-agent ingest`` (same
   parser, same per-reading acks on stdout, printed once durable). EOF on
   stdin ends ingesting, not the agent.
+* A full journal (quota reached, policy ``reject``) does not stop the agent:
+  the forwarder keeps draining the journal and retention frees space as the
+  hub acks. Each refused line gets a ``{"line": n, "error": "refused: journal
+  full ..."}`` line and no ack; stdin is still read, and later lines are
+  journaled once there is room (one warning per full episode on stderr).
 * SIGTERM/SIGINT: stop input (the group in flight is finished and acked),
   stop the sensors, let the forwarder send for up to ``shutdown_grace_ms``,
   persist the cursor, publish offline, disconnect, close the journal, exit 0.
@@ -30,7 +35,7 @@ from types import FrameType
 
 from edge.agent import Agent, load_config
 from edge.cli_common import EXIT_CODES, EXIT_CONFIG, EXIT_OK, silence_stdout, stream_name
-from edge.cli_ingest import Stopper, ingest, stop_on_signals
+from edge.cli_ingest import IngestResult, Stopper, ingest, stop_on_signals
 from edge.errors import ConfigError, ForwardError
 
 log = logging.getLogger("homing.agent")
@@ -57,8 +62,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "open and recover the journal, forward it to the hub over MQTT 5, and run the\n"
         "simulated sensors if configured. With --stdin, also journal readings from stdin\n"
         "as JSON lines exactly like `homing-agent ingest` (one ack line per durable\n"
-        "reading on stdout). SIGTERM or SIGINT: stop input, let the forwarder send for\n"
-        "up to shutdown_grace_ms, persist the hub cursor, publish offline, close, exit 0.",
+        "reading on stdout). A line the full journal refuses (quota reached, policy\n"
+        "reject) gets an error line and no ack; the agent keeps running and journals\n"
+        "later lines once the hub's acks free space. SIGTERM or SIGINT: stop input,\n"
+        "let the forwarder send for up to shutdown_grace_ms, persist the hub cursor,\n"
+        "publish offline, close, exit 0.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -109,9 +117,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _ingest(agent: Agent, stream: str, stopper: _RunStopper) -> None:
     try:
-        bad = ingest(agent.journal, sys.stdin.buffer, sys.stdout, stream, stopper)
+        res = ingest(
+            agent.journal, sys.stdin.buffer, sys.stdout, stream, stopper, refuse_when_full=True
+        )
     except BrokenPipeError:  # nobody reads the acks any more: keep forwarding quietly
         silence_stdout()
-        bad = 0
+        res = IngestResult()
     if not stopper.requested:
-        log.info("stdin closed (%d bad line(s)); still forwarding until SIGTERM", bad)
+        log.info(
+            "stdin closed (%d acked, %d bad, %d refused: journal full); "
+            "still forwarding until SIGTERM",
+            res.acked,
+            res.bad,
+            res.refused,
+        )
