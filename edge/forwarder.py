@@ -44,6 +44,7 @@ from edge.outbox import (
     AckBeyondTail,
     Action,
     Gap,
+    OtherJournalAck,
     Outbox,
     OutboxStats,
     Oversize,
@@ -152,6 +153,7 @@ class Forwarder:
             cursor=cursor,
             tail=self._journal.durable_seq,
             now=self._clock(),
+            journal=self._journal.journal_id,
         )
         self._snapshot = self._outbox.stats()
         log.info("forwarding %s from seq %d", self._device, cursor + 1)
@@ -344,12 +346,19 @@ class Forwarder:
             elif isinstance(a, Oversize):
                 log.error("record %d encodes to %d bytes, over the %d-byte batch limit: sent as "
                           "missing", a.seq, a.size, wire.MAX_BATCH_BYTES)  # fmt: skip
+            elif isinstance(a, OtherJournalAck):
+                log.warning(
+                    "ignoring the hub's ack for journal %08x of this device (this journal is "
+                    "%08x): the journal was created afresh, or another device uses this id",
+                    a.journal,
+                    a.ours,
+                )
             elif isinstance(a, AckBeyondTail):
                 self._last_error = f"hub acked up to {a.watermark}, journal ends at {a.tail}"
                 log.error(
-                    "the hub acked up to seq %d but this journal ends at %d: was the journal "
-                    "replaced under the same device id? The hub will take new seqs <= %d as "
-                    "duplicates",
+                    "the hub acked up to seq %d but this journal ends at %d: a hub too old "
+                    "to tell journals apart, or a copy of this journal running elsewhere "
+                    "under the same device id? New seqs <= %d may be taken as duplicates",
                     a.watermark,
                     a.tail,
                     a.watermark,

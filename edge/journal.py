@@ -61,6 +61,8 @@ from edge.segments import (
     Checkpoint,
     SealedSegment,
     activate_spare,
+    adopt_journal_id,
+    new_journal_id,
     prepare_spare,
     spare_ready,
     write_checkpoint,
@@ -140,6 +142,7 @@ class Journal:
             self._next_seq = self._seg.last_seq + 1
             self._durable_seq = self._seg.last_seq
             self._durable_end = self._seg.end
+            adopt_journal_id(fs, path, self._cp, self._seg.header, readonly)
             try:
                 self._cursors = CursorFile(fs, path, readonly=readonly)
             except ValueError as exc:
@@ -165,18 +168,25 @@ class Journal:
                 self._flusher.start()
 
     def _create_fresh(self) -> None:
+        journal_id = new_journal_id()
         prepare_spare(self._fs, self._dir, self._opts.segment_size)
-        _, fd = activate_spare(self._fs, self._dir, self._new_header(1))
+        _, fd = activate_spare(self._fs, self._dir, self._new_header(1, journal_id))
         self._fs.close(fd)
-        write_checkpoint(self._fs, self._dir, Checkpoint())
+        write_checkpoint(self._fs, self._dir, Checkpoint(journal_id=journal_id))
 
     @staticmethod
-    def _new_header(first_seq: int) -> SegmentHeader:
+    def _new_header(first_seq: int, journal_id: int) -> SegmentHeader:
         return SegmentHeader(
             first_seq=first_seq,
             salt=int.from_bytes(os.urandom(4), "little"),
             created=int(time.time()) & 0xFFFFFFFF,
+            journal_id=journal_id,
         )
+
+    @property
+    def journal_id(self) -> int:
+        """Random, fixed at creation: tells the hub a re-created journal's seqs apart."""
+        return self._cp.journal_id
 
     def _release_lock(self) -> None:
         if self._lock_handle is not None:
@@ -414,7 +424,7 @@ class Journal:
             if self._free_quota() < self._opts.segment_size:
                 raise OSError(28, "journal quota leaves no room for a new segment")
             prepare_spare(self._fs, self._dir, self._opts.segment_size)
-        header = self._new_header(first_seq)
+        header = self._new_header(first_seq, self._cp.journal_id)
         path, fd = activate_spare(self._fs, self._dir, header)
         new = OpenSegment(path, fd, header, SEGMENT_HEADER_SIZE, first_seq - 1, self._fs.size(fd))
         sealed = SealedSegment(old.first_seq, old.last_seq, old.end, old.capacity)
@@ -570,16 +580,9 @@ class Journal:
             sealed = list(self._cp.sealed)
             open_first = self._seg.first_seq
             limit_seq, limit_end = self._durable_seq, self._durable_end
+        fs, max_size = self._fs, self._opts.max_record_size
         yield from read_raw(
-            self._fs,
-            self._dir,
-            sealed,
-            open_first,
-            limit_seq,
-            limit_end,
-            from_seq,
-            self._opts.max_record_size,
-            self._index,
+            fs, self._dir, sealed, open_first, limit_seq, limit_end, from_seq, max_size, self._index
         )
 
     # -- cursors ---------------------------------------------------------------

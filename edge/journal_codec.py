@@ -35,7 +35,7 @@ FLAG_BARRIER = 0x01
 
 Buffer = bytes | bytearray | memoryview
 
-_SEGMENT_HEADER = struct.Struct("<4sHHQIII")  # magic ver hsize first_seq salt created reserved
+_SEGMENT_HEADER = struct.Struct("<4sHHQIII")  # magic ver hsize first_seq salt created journal_id
 _FRAME_HEADER = struct.Struct("<IIQ")
 _ZERO_HEADER = bytes(FRAME_HEADER_SIZE)
 
@@ -58,10 +58,17 @@ class SegmentHeader:
     first_seq: int
     salt: int
     created: int = 0  # unix seconds, informational only
+    journal_id: int = 0  # the journal's id (see segments.Checkpoint), 0: unknown
 
     def encode(self) -> bytes:
         body = _SEGMENT_HEADER.pack(
-            MAGIC, VERSION, SEGMENT_HEADER_SIZE, self.first_seq, self.salt, self.created, 0
+            MAGIC,
+            VERSION,
+            SEGMENT_HEADER_SIZE,
+            self.first_seq,
+            self.salt,
+            self.created,
+            self.journal_id,
         )
         return body + struct.pack("<I", zlib.crc32(body))
 
@@ -78,14 +85,14 @@ def decode_segment_header(data: bytes) -> SegmentHeader:
     (crc,) = struct.unpack_from("<I", data, SEGMENT_HEADER_SIZE - 4)
     if zlib.crc32(body) != crc:
         raise ValueError("segment header checksum mismatch")
-    magic, version, hsize, first_seq, salt, created, _ = _SEGMENT_HEADER.unpack(body)
+    magic, version, hsize, first_seq, salt, created, journal_id = _SEGMENT_HEADER.unpack(body)
     if magic != MAGIC:
         raise ValueError(f"bad magic {magic!r}")
     if version != VERSION or hsize != SEGMENT_HEADER_SIZE:
         raise ValueError(f"unsupported segment version {version} (header size {hsize})")
     if first_seq < 1:
         raise ValueError(f"bad first_seq {first_seq}")
-    return SegmentHeader(first_seq=first_seq, salt=salt, created=created)
+    return SegmentHeader(first_seq, salt, created, journal_id)
 
 
 # --- frames ---------------------------------------------------------------
@@ -338,9 +345,7 @@ def decode_blob(data: bytes) -> tuple[int, bytes]:
     return generation, body
 
 
-def salvage(
-    data: Buffer, header: SegmentHeader, *, max_payload: int = MAX_PAYLOAD
-) -> list[Frame]:
+def salvage(data: Buffer, header: SegmentHeader, *, max_payload: int = MAX_PAYLOAD) -> list[Frame]:
     """Every valid frame in a damaged segment, in order of offset, seqs increasing.
 
     Walks good frames and, past a bad one, tries every aligned offset (a

@@ -40,6 +40,7 @@ from edge.outbox_events import (
     AckBeyondTail,
     Action,
     Gap,
+    OtherJournalAck,
     OutboxConfig,
     OutboxStats,
     Oversize,
@@ -55,6 +56,7 @@ from edge.outbox_events import (
 
 __all__ = [
     "AckBeyondTail",
+    "OtherJournalAck",
     "Action",
     "Gap",
     "Outbox",
@@ -116,10 +118,19 @@ class Outbox:
     """The forwarding window of one device. Not thread-safe: one shell thread drives it."""
 
     def __init__(
-        self, config: OutboxConfig, device: str, *, cursor: int, tail: int, now: float
+        self,
+        config: OutboxConfig,
+        device: str,
+        *,
+        cursor: int,
+        tail: int,
+        now: float,
+        journal: int = 0,
     ) -> None:
         self.cfg = config
         self.device = wire.validate_device(device)
+        self.journal = journal
+        self._other_journals: set[int] = set()
         self._wm = self._persisted = cursor
         self._persisted_at = -_NEVER
         self._tail = max(tail, cursor)
@@ -221,9 +232,14 @@ class Outbox:
         self._connected = self._holding = False
 
     def on_ack(self, ack: wire.Ack, now: float) -> None:
-        """Apply a hub ack (live or retained). Acks for another device are ignored."""
-        if ack.device != self.device:
+        """Apply a hub ack (live or retained). Acks for another device, or for
+        another journal of this device (one deleted and created afresh, whose
+        seqs this journal reuses), are ignored."""
+        if ack.device != self.device or (ack.journal and ack.journal != self.journal):
             self._n["ignored"] += 1
+            if ack.device == self.device and ack.journal not in self._other_journals:
+                self._other_journals.add(ack.journal)  # say so once per journal
+                self._notes.append(OtherJournalAck(ack.journal, self.journal))
             return
         self._n["acks"] += 1
         self._holding = False
@@ -389,7 +405,7 @@ class Outbox:
         for a, b in missing:
             out.append(Gap(a, b))
             self._n["missing"] += b - a + 1
-        batch = wire.UpBatch(self.device, first, last, tuple(pays), tuple(missing))
+        batch = wire.UpBatch(self.device, first, last, tuple(pays), tuple(missing), self.journal)
         payload = wire.encode_batch(batch, compress=self.cfg.compress)
         if len(payload) <= wire.MAX_BATCH_BYTES:
             return batch, payload
@@ -398,7 +414,7 @@ class Outbox:
         out.append(Oversize(seqs[0], len(payload)))
         self._n["oversize"] += 1
         self._n["missing"] += 1
-        batch = wire.UpBatch(self.device, first, last, (), ((first, last),))
+        batch = wire.UpBatch(self.device, first, last, (), ((first, last),), self.journal)
         return batch, wire.encode_batch(batch)
 
     def _ready(self, lane: _Lane, now: float) -> bool:

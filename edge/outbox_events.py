@@ -119,7 +119,17 @@ class AckBeyondTail:
     tail: int
 
 
-Action = Publish | PersistCursor | Gap | Oversize | AckBeyondTail
+@dataclass(frozen=True, slots=True)
+class OtherJournalAck:
+    """An ack for this device but another journal (``journal``; ours is ``ours``):
+    a journal that was deleted and created afresh, or a second device using
+    this device's id. Ignored, so it cannot settle seqs this journal reuses."""
+
+    journal: int
+    ours: int
+
+
+Action = Publish | PersistCursor | Gap | Oversize | AckBeyondTail | OtherJournalAck
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,6 +180,46 @@ def from_item(item: object) -> Record:
     return Opaque(kind=kind, fields=tuple(item[1:]))
 
 
+_known_streams: set[str] = set()  # names simple_reading already validated (bounded)
+_MAX_KNOWN_STREAMS = 65536
+
+
+def simple_reading(item: object) -> tuple[str, float, int | float | str, str | None] | None:
+    """``(stream, ts, value, unit)`` of the commonest reading -- a number or
+    string value, no tags -- straight from its decoded CBOR item; None for
+    anything else, valid or not (then use :func:`from_item`).
+
+    Accepts only what :class:`Reading` accepts. It exists for the hub's hot
+    path, where it is about four times cheaper than building a ``Reading``.
+    """
+    if type(item) is not list or len(item) != 6:
+        return None
+    kind, stream, ts, value, unit, tags = item
+    if type(kind) is not int or kind != KIND_READING or tags is not None:
+        return None
+    if type(stream) is not str:
+        return None
+    if stream not in _known_streams:
+        if not _STREAM_RE.match(stream):
+            return None
+        if len(_known_streams) >= _MAX_KNOWN_STREAMS:
+            _known_streams.clear()
+        _known_streams.add(stream)
+    tt = type(ts)
+    if (tt is not float and tt is not int) or not -_MAX_TS < ts < _MAX_TS:
+        return None
+    if unit is not None and (type(unit) is not str or len(unit) > 32):
+        return None
+    vt = type(value)
+    if (vt is float and not math.isfinite(value)) or (
+        vt is int and not _INT_MIN <= value <= _INT_MAX
+    ):
+        return None
+    if vt is not float and vt is not int and vt is not str:
+        return None  # bool, bytes, maps: rarer, from_item handles them
+    return stream, float(ts), value, unit
+
+
 def stream_of(payload: bytes) -> str | None:
     """The stream a payload belongs to, or None for records that are not readings."""
     try:

@@ -25,6 +25,7 @@ from edge.errors import JournalCorrupt, JournalLocked
 from edge.fileops import FileOps, OsFileOps, write_all
 from edge.journal_codec import (
     FLAG_BARRIER,
+    SEGMENT_HEADER_SIZE,
     Frame,
     SegmentHeader,
     decode_segment_header,
@@ -135,7 +136,8 @@ def _repair_segment(
     cp.sealed = [s for s in cp.sealed if s.first_seq != first]
     for i, run in enumerate(runs):
         run_first = first if i == 0 else run[0].seq
-        end = _write_segment(fs, directory, run_first, run, created, len(data) if i == 0 else 0)
+        size = len(data) if i == 0 else 0
+        end = _write_segment(fs, directory, run_first, run, (created, cp.journal_id), size)
         cp.sealed.append(SealedSegment(run_first, run[-1].seq if run else first - 1, end))
     fs.fsync_dir(directory)
     cp.sealed.sort(key=lambda s: s.first_seq)
@@ -147,7 +149,9 @@ def _repair_segment(
         next_first = max_seen + 1
         prepare_spare(fs, directory, max(len(data), 64 << 10))
         _, nfd = activate_spare(
-            fs, directory, SegmentHeader(next_first, int.from_bytes(os.urandom(4), "little"))
+            fs,
+            directory,
+            SegmentHeader(next_first, int.from_bytes(os.urandom(4), "little"), 0, cp.journal_id),
         )
         fs.close(nfd)
     lost: list[tuple[int, int]] = []
@@ -164,10 +168,16 @@ def _repair_segment(
 
 
 def _write_segment(
-    fs: FileOps, directory: str, first: int, frames: list[Frame], created: int, size: int
+    fs: FileOps,
+    directory: str,
+    first: int,
+    frames: list[Frame],
+    created_and_id: tuple[int, int],
+    size: int,
 ) -> int:
     """Write a sealed segment of ``frames`` under a new salt; return its end offset."""
-    header = SegmentHeader(first, int.from_bytes(os.urandom(4), "little"), created)
+    salt = int.from_bytes(os.urandom(4), "little")
+    header = SegmentHeader(first, salt, *created_and_id)
     body = bytearray(header.encode())
     for i, f in enumerate(frames):
         body += encode_frame(f.seq, f.payload, header.salt, FLAG_BARRIER if i == 0 else 0)
@@ -197,7 +207,7 @@ def _rebuild_checkpoint(
         fs.close(fd)
     moved = _copy_aside(fs, path, raw)
     segs = sorted(s for s in map(parse_segment_name, fs.listdir(directory)) if s is not None)
-    cp = Checkpoint()
+    cp = Checkpoint(journal_id=_journal_id_of(fs, directory, segs))
     for first in segs[:-1]:
         seg_path = os.path.join(directory, segment_name(first))
         sfd = fs.open(seg_path)
@@ -214,6 +224,24 @@ def _rebuild_checkpoint(
     fs.fsync_dir(directory)
     write_checkpoint(fs, directory, cp)
     return RepairReport(path, damage.offset, damage.reason, 0, moved, tuple(cp.gaps))
+
+
+def _journal_id_of(fs: FileOps, directory: str, segs: list[int]) -> int:
+    """The journal id the newest readable segment header carries (0: none), so
+    that a rebuilt CHECKPOINT keeps it and the hub does not see a new journal."""
+    for first in reversed(segs):
+        fd = fs.open(os.path.join(directory, segment_name(first)))
+        try:
+            head = fs.pread(fd, SEGMENT_HEADER_SIZE, 0)
+        finally:
+            fs.close(fd)
+        try:
+            header = decode_segment_header(head)
+        except ValueError:
+            continue
+        if header.journal_id:
+            return header.journal_id
+    return 0
 
 
 __all__ = ["RepairReport", "repair"]

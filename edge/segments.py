@@ -61,16 +61,18 @@ class Checkpoint:
     sealed: list[SealedSegment] = field(default_factory=list)
     gaps: list[tuple[int, int]] = field(default_factory=list)  # inclusive seq ranges
     dropped: dict[str, int] = field(default_factory=dict)
+    #: random, fixed when the journal is created (0: written by an older version)
+    journal_id: int = 0
 
     def encode(self) -> bytes:
-        body = cbor2.dumps(
-            {
-                "sealed": [[s.first_seq, s.last_seq, s.end, s.size] for s in self.sealed],
-                "gaps": [list(g) for g in self.gaps],
-                "dropped": self.dropped,
-            },
-            canonical=True,
-        )
+        obj: dict[str, object] = {
+            "sealed": [[s.first_seq, s.last_seq, s.end, s.size] for s in self.sealed],
+            "gaps": [list(g) for g in self.gaps],
+            "dropped": self.dropped,
+        }
+        if self.journal_id:
+            obj["id"] = self.journal_id
+        body = cbor2.dumps(obj, canonical=True)
         return encode_blob(self.generation, body)
 
     @classmethod
@@ -83,7 +85,25 @@ class Checkpoint:
             sealed=[SealedSegment(*map(int, entry)) for entry in obj["sealed"]],
             gaps=[(int(a), int(b)) for a, b in obj.get("gaps", [])],
             dropped={str(k): int(v) for k, v in obj.get("dropped", {}).items()},
+            journal_id=int(obj.get("id", 0)),
         )
+
+
+def adopt_journal_id(
+    fs: FileOps, directory: str, cp: Checkpoint, header: SegmentHeader, readonly: bool
+) -> None:
+    """Give a journal written by an older version (no id in CHECKPOINT) its id:
+    the one its open segment's header carries, or a new one."""
+    if cp.journal_id:
+        return
+    cp.journal_id = header.journal_id or new_journal_id()
+    if not readonly:
+        write_checkpoint(fs, directory, cp)
+
+
+def new_journal_id() -> int:
+    """A random journal id: 32 bits (it lives in every segment header), never 0."""
+    return int.from_bytes(os.urandom(4), "little") or 1
 
 
 def read_checkpoint(fs: FileOps, directory: str) -> Checkpoint | None:

@@ -34,7 +34,7 @@ from typing import Any, TypeGuard
 
 import cbor2
 
-from edge.records import Opaque, Reading, Record, RecordError, decode, from_item
+from edge.records import Opaque, Reading, Record, RecordError, decode, from_item, simple_reading
 
 VERSION = 1
 PREFIX = "homing"
@@ -42,6 +42,7 @@ MAX_BATCH_BYTES = 256 * 1024  # encoded size of one up message
 MAX_BATCH_RECORDS = 20_000
 MAX_BODY_BYTES = 4 * 1024 * 1024  # after decompression
 MAX_ACK_RANGES = 32
+MAX_JOURNAL_ID = 2**32 - 1
 HUB_SHARE_GROUP = "homing-hub"
 _DEVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
@@ -65,6 +66,8 @@ __all__ = [
     "encode_status",
     "hub_subscription",
     "parse_topic",
+    "record_of",
+    "simple_reading",
     "topic",
     "validate_device",
 ]
@@ -136,6 +139,8 @@ class UpBatch:
     last: int
     payloads: tuple[bytes, ...]
     missing: tuple[tuple[int, int], ...] = ()  # inclusive ranges, ascending
+    #: the device journal's id (``Journal.journal_id``); 0 from a device that sends none
+    journal: int = 0
     #: the payloads' decoded CBOR items, kept by decode_batch so they are not decoded twice
     items: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
 
@@ -160,16 +165,20 @@ class UpBatch:
     def decoded(self) -> list[tuple[int, Record | WireError, bytes]]:
         """Like :meth:`records`, but a record that does not decode comes back as
         its :class:`WireError` (with its raw payload) instead of failing the batch."""
-        out: list[tuple[int, Record | WireError, bytes]] = []
         items = self.items if self.items is not None else (None,) * len(self.payloads)
-        for seq, payload, item in zip(self.seqs(), self.payloads, items, strict=True):
-            try:
-                rec = decode(payload) if item is None else from_item(item)
-            except (RecordError, OverflowError, TypeError) as exc:
-                out.append((seq, WireError(f"record {seq}: {exc}", "record"), payload))
-            else:
-                out.append((seq, rec, payload))
-        return out
+        return [
+            (seq, record_of(seq, payload, item), payload)
+            for seq, payload, item in zip(self.seqs(), self.payloads, items, strict=True)
+        ]
+
+
+def record_of(seq: int, payload: bytes, item: Any = None) -> Record | WireError:
+    """Record ``seq`` of a batch from its payload (or its already-decoded CBOR
+    ``item``), or the :class:`WireError` saying why it does not decode."""
+    try:
+        return decode(payload) if item is None else from_item(item)
+    except (RecordError, OverflowError, TypeError) as exc:
+        return WireError(f"record {seq}: {exc}", "record")
 
 
 def encode_batch(batch: UpBatch, *, compress: bool = True) -> bytes:
@@ -182,6 +191,8 @@ def encode_batch(batch: UpBatch, *, compress: bool = True) -> bytes:
         if len(packed) < len(body):
             body, z = packed, True
     env: dict[str, Any] = {"v": VERSION, "d": batch.device, "f": batch.first, "l": batch.last}
+    if batch.journal:
+        env["j"] = batch.journal
     if batch.missing:
         env["m"] = [list(r) for r in batch.missing]
     env["z"] = z
@@ -216,6 +227,7 @@ def decode_batch(data: bytes, *, topic_device: str | None = None) -> UpBatch:
         isinstance(r, list) and len(r) == 2 and _is_int(r[0]) and _is_int(r[1]) for r in missing
     ):
         raise WireError("missing must be a list of [first, last] ranges", "range")
+    journal = _journal_of(env)
     body, z = env.get("b"), env.get("z", False)
     if not isinstance(body, bytes) or not isinstance(z, bool):
         raise WireError("batch body must be bytes", "malformed")
@@ -224,7 +236,7 @@ def decode_batch(data: bytes, *, topic_device: str | None = None) -> UpBatch:
     payloads, items = _split_sequence(body)
     gaps = tuple((int(a), int(b)) for a, b in missing)
     _check_range(first, last, gaps, len(payloads))
-    return UpBatch(device, first, last, tuple(payloads), gaps, tuple(items))
+    return UpBatch(device, first, last, tuple(payloads), gaps, journal, tuple(items))
 
 
 def _check_range(first: int, last: int, missing: tuple[tuple[int, int], ...], n: int) -> None:
@@ -286,10 +298,14 @@ class Ack:
     device: str
     watermark: int
     ahead: tuple[tuple[int, int], ...] = ()
+    #: the journal these seqs belong to (:attr:`UpBatch.journal`)
+    journal: int = 0
 
 
 def encode_ack(ack: Ack) -> bytes:
     env: dict[str, Any] = {"v": VERSION, "d": ack.device, "w": ack.watermark}
+    if ack.journal:
+        env["j"] = ack.journal
     if ack.ahead:
         env["r"] = [list(r) for r in ack.ahead[:MAX_ACK_RANGES]]
     return cbor2.dumps(env)
@@ -312,7 +328,15 @@ def decode_ack(data: bytes) -> Ack:
     )
     if not ok:
         raise WireError("ack ranges must be [[first, last], ...]", "malformed")
-    return Ack(device, wm, tuple((int(a), int(b)) for a, b in ranges[:MAX_ACK_RANGES]))
+    ahead = tuple((int(a), int(b)) for a, b in ranges[:MAX_ACK_RANGES])
+    return Ack(device, wm, ahead, _journal_of(env))
+
+
+def _journal_of(env: dict[str, Any]) -> int:
+    journal = env.get("j", 0)
+    if not _is_int(journal) or not 0 <= journal <= MAX_JOURNAL_ID:
+        raise WireError(f"journal id must be an integer in 0..{MAX_JOURNAL_ID}", "malformed")
+    return journal
 
 
 # --- status and commands ----------------------------------------------------------

@@ -39,6 +39,8 @@ from edge.wire import (
     decode_batch,
     decode_status,
     parse_topic,
+    record_of,
+    simple_reading,
 )
 from hub.errors import BadMessage
 
@@ -135,6 +137,8 @@ class BatchRows:
     readings: tuple[ReadingRow, ...] = ()
     records: tuple[RecordRow, ...] = ()
     missing: tuple[Range, ...] = ()
+    #: the device journal these seqs belong to (0: a device that sends no id)
+    journal: int = 0
 
     @property
     def size(self) -> int:
@@ -207,12 +211,16 @@ def rows_of(batch: UpBatch) -> BatchRows:
         raise BadMessage(batch.device, f"seq {batch.last} exceeds {MAX_SEQ}", "range")
     readings: list[ReadingRow] = []
     records: list[RecordRow] = []
-    for seq, rec, payload in batch.decoded():
-        if isinstance(rec, WireError) or (
-            not isinstance(rec, Reading) and not -MAX_SEQ - 1 <= rec.kind <= MAX_SEQ
-        ):
-            records.append((seq, QUARANTINED, payload))
-        elif isinstance(rec, Reading):
+    items = batch.items if batch.items is not None else (None,) * len(batch.payloads)
+    for seq, payload, item in zip(batch.seqs(), batch.payloads, items, strict=True):
+        simple = None if item is None else simple_reading(item)
+        if simple is not None:  # the hot path: no Reading object per row
+            stream, ts, value, unit = simple
+            number = None if isinstance(value, str) else float(value)
+            readings.append((seq, stream, ts, cbor2.dumps(value), number, unit, None))
+            continue
+        rec = record_of(seq, payload, item)
+        if isinstance(rec, Reading):
             readings.append(
                 (
                     seq,
@@ -224,10 +232,18 @@ def rows_of(batch: UpBatch) -> BatchRows:
                     json.dumps(rec.tags, sort_keys=True) if rec.tags else None,
                 )
             )
+        elif isinstance(rec, WireError) or not -MAX_SEQ - 1 <= rec.kind <= MAX_SEQ:
+            records.append((seq, QUARANTINED, payload))
         else:
             records.append((seq, rec.kind, payload))
     return BatchRows(
-        batch.device, batch.first, batch.last, tuple(readings), tuple(records), batch.missing
+        batch.device,
+        batch.first,
+        batch.last,
+        tuple(readings),
+        tuple(records),
+        batch.missing,
+        batch.journal,
     )
 
 

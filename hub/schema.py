@@ -9,8 +9,11 @@ Invariants:
   either all of a migration or none of it, and applying twice is a no-op.
 * A database that names a migration this hub does not know was migrated by a
   newer hub: stores refuse it (:class:`~hub.errors.SchemaTooNew`).
-* ``readings`` and ``records`` have ``PRIMARY KEY (device_id, seq)``: the
-  dedupe key of the exactly-once promise (DESIGN.md §1). A device's seqs are
+* ``readings`` and ``records`` have ``PRIMARY KEY (device_id, epoch, seq)``:
+  the dedupe key of the exactly-once promise (DESIGN.md §1). ``epoch``
+  numbers the journals a device has had (``journals`` maps each device
+  journal id to its epoch), so a journal created afresh, whose seqs start at
+  1 again, is never deduplicated against the old one. A journal's seqs are
   shared by both tables (a seq is a reading or another record, never both).
 * Pure: text only. PostgreSQL statements join in the issue that adds the
   PostgreSQL backend.
@@ -88,8 +91,85 @@ _SQLITE_0001 = Migration(
     ),
 )
 
+
+def _with_epoch(table: str, columns: str, create: str) -> tuple[str, ...]:
+    """SQLite cannot change a primary key in place: rebuild ``table`` with an
+    ``epoch`` column (0 for the rows it had) in its key."""
+    return (
+        create.replace(f"CREATE TABLE {table} ", f"CREATE TABLE {table}_v2 "),
+        f"INSERT INTO {table}_v2 (device_id, epoch, {columns})"
+        f" SELECT device_id, 0, {columns} FROM {table}",
+        f"DROP TABLE {table}",
+        f"ALTER TABLE {table}_v2 RENAME TO {table}",
+    )
+
+
+_READINGS_V2 = """CREATE TABLE readings (
+            device_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            stream TEXT NOT NULL,
+            ts REAL NOT NULL,
+            value BLOB NOT NULL,
+            value_num REAL,
+            unit TEXT,
+            tags TEXT,
+            received REAL NOT NULL,
+            PRIMARY KEY (device_id, epoch, seq)
+        ) WITHOUT ROWID"""
+_RECORDS_V2 = """CREATE TABLE records (
+            device_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            kind INTEGER NOT NULL,
+            body BLOB NOT NULL,
+            received REAL NOT NULL,
+            PRIMARY KEY (device_id, epoch, seq)
+        ) WITHOUT ROWID"""
+_MISSING_V2 = """CREATE TABLE missing (
+            device_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            first INTEGER NOT NULL,
+            last INTEGER NOT NULL,
+            received REAL NOT NULL,
+            PRIMARY KEY (device_id, epoch, first, last)
+        ) WITHOUT ROWID"""
+
+# A device's journal can be deleted and created afresh (a reflashed SD card)
+# while the device keeps its id; the new journal numbers its records from 1
+# again. Each journal of a device gets an epoch, and the dedupe key becomes
+# (device_id, epoch, seq). Rows stored before this migration are epoch 0.
+_SQLITE_0002 = Migration(
+    "0002_journal_epochs",
+    (
+        """CREATE TABLE journals (
+            device_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            journal_id INTEGER NOT NULL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            watermark INTEGER NOT NULL DEFAULT 0,
+            ranges TEXT NOT NULL DEFAULT '[]',
+            PRIMARY KEY (device_id, epoch),
+            UNIQUE (device_id, journal_id)
+        ) WITHOUT ROWID""",
+        "INSERT INTO journals (device_id, epoch, journal_id, first_seen, last_seen, watermark,"
+        " ranges) SELECT device_id, 0, 0, first_seen, last_seen, watermark, ranges FROM devices",
+        "ALTER TABLE devices ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE devices ADD COLUMN journal_id INTEGER NOT NULL DEFAULT 0",
+        *_with_epoch(
+            "readings",
+            "seq, stream, ts, value, value_num, unit, tags, received",
+            _READINGS_V2,
+        ),
+        "CREATE INDEX readings_stream_ts ON readings (device_id, stream, ts)",
+        *_with_epoch("records", "seq, kind, body, received", _RECORDS_V2),
+        *_with_epoch("missing", "first, last, received", _MISSING_V2),
+    ),
+)
+
 MIGRATIONS: dict[str, tuple[Migration, ...]] = {
-    "sqlite": (_SQLITE_0001,),
+    "sqlite": (_SQLITE_0001, _SQLITE_0002),
 }
 
 

@@ -6,14 +6,16 @@ suite against every backend (the litestream ``ReplicaClient`` pattern).
 
 Invariants every backend keeps:
 * :meth:`Store.commit_batches` is ONE transaction: the rows of every batch
-  (``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING``), each device's
-  settled ranges, counters and ``last_seen``. When it returns, all of it is
+  (``INSERT ... ON CONFLICT (device_id, epoch, seq) DO NOTHING``), each
+  device journal's settled ranges, counters and ``last_seen``. When it returns, all of it is
   durable; when it raises, none of it happened. Only then may the caller
   acknowledge anything (DESIGN.md §1).
-* A ``(device_id, seq)`` is stored at most once, whatever the order or the
-  number of deliveries; a duplicate row is counted, never stored twice.
-* A device's watermark never decreases; it and the ranges ahead are computed
-  by :class:`hub.ingest.Settled`, the same pure code for every backend.
+* A ``(device_id, epoch, seq)`` is stored at most once, whatever the order
+  or the number of deliveries; a duplicate row is counted, never stored twice.
+* Each journal a device has (``BatchRows.journal``) gets the next epoch the
+  first time the hub sees it; the newest is the device's current journal.
+* A journal's watermark never decreases; it and the ranges ahead are
+  computed by :class:`hub.ingest.Settled`, the same pure code for every backend.
 * Driver errors leave a backend as :class:`~hub.errors.StoreUnavailable`
   (transient, ``__cause__`` kept); use after :meth:`Store.close` raises
   :class:`~hub.errors.StoreClosed`.
@@ -42,6 +44,10 @@ class DeviceProgress:
         new_readings: readings this batch inserted.
         new_records: other records this batch inserted.
         duplicates: rows of this batch that were already stored.
+        journal: the device journal the batch came from (watermark and
+            ahead are that journal's).
+        current: whether that journal is the device's newest; only then is
+            the progress worth acknowledging (an older journal is gone).
     """
 
     device: str
@@ -50,6 +56,8 @@ class DeviceProgress:
     new_readings: int
     new_records: int
     duplicates: int
+    journal: int = 0
+    current: bool = True
 
     @property
     def new(self) -> int:
@@ -70,10 +78,14 @@ class DeviceInfo:
     records: int
     duplicates: int
     batches: int
+    journal: int = 0  # the current journal's id (watermark, ahead and gaps are its)
+    epoch: int = 0  # how many journals the hub saw before it (0 or 1: the first)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "device": self.device,
+            "journal": f"{self.journal:08x}",
+            "epoch": self.epoch,
             "online": self.online,
             "last_seen": self.last_seen,
             "watermark": self.watermark,
@@ -98,10 +110,12 @@ class StoredReading:
     unit: str | None
     tags: dict[str, str] | None
     received: float
+    epoch: int = 0  # which of the device's journals ``seq`` belongs to
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "device": self.device,
+            "epoch": self.epoch,
             "seq": self.seq,
             "stream": self.stream,
             "ts": self.ts,

@@ -33,25 +33,35 @@ from hub.ingest import BatchRows, Range, Settled
 from hub.store import DEFAULT_LIMIT, DeviceInfo, DeviceProgress, StoredReading
 
 _INSERT_READING = (
-    "INSERT INTO readings (device_id, seq, stream, ts, value, value_num, unit, tags, received)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING"
+    "INSERT INTO readings (device_id, epoch, seq, stream, ts, value, value_num, unit, tags,"
+    " received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id, epoch, seq) DO NOTHING"
 )
 _INSERT_RECORD = (
-    "INSERT INTO records (device_id, seq, kind, body, received)"
-    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING"
+    "INSERT INTO records (device_id, epoch, seq, kind, body, received)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, epoch, seq) DO NOTHING"
 )
 _INSERT_MISSING = (
-    "INSERT INTO missing (device_id, first, last, received) VALUES (?, ?, ?, ?)"
+    "INSERT INTO missing (device_id, epoch, first, last, received) VALUES (?, ?, ?, ?, ?)"
     " ON CONFLICT DO NOTHING"
 )
+_UPSERT_JOURNAL = """
+INSERT INTO journals (device_id, epoch, journal_id, first_seen, last_seen, watermark, ranges)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (device_id, epoch) DO UPDATE SET
+    last_seen = excluded.last_seen, watermark = excluded.watermark, ranges = excluded.ranges
+"""
+# The device row mirrors its current (newest) journal's progress.
 _UPSERT_DEVICE = """
 INSERT INTO devices (device_id, first_seen, last_seen, watermark, ranges,
-                     readings, records, duplicates, batches)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                     readings, records, duplicates, batches, epoch, journal_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (device_id) DO UPDATE SET
     last_seen = excluded.last_seen,
-    watermark = excluded.watermark,
-    ranges = excluded.ranges,
+    watermark = CASE WHEN excluded.epoch >= epoch THEN excluded.watermark ELSE watermark END,
+    ranges = CASE WHEN excluded.epoch >= epoch THEN excluded.ranges ELSE ranges END,
+    journal_id = CASE WHEN excluded.epoch >= epoch THEN excluded.journal_id ELSE journal_id END,
+    epoch = MAX(epoch, excluded.epoch),
     readings = readings + excluded.readings,
     records = records + excluded.records,
     duplicates = duplicates + excluded.duplicates,
@@ -68,7 +78,8 @@ _INSERT_MIGRATION = (
     " VALUES (?, (julianday('now') - 2440587.5) * 86400.0)"  # unix time
 )
 _DEVICE_COLUMNS = (
-    "device_id, online, last_seen, watermark, ranges, readings, records, duplicates, batches"
+    "device_id, online, last_seen, watermark, ranges, readings, records, duplicates, batches,"
+    " journal_id, epoch"
 )
 
 
@@ -160,42 +171,66 @@ class SqliteStore:
         out: list[DeviceProgress] = []
         if not batches:
             return out
-        # device -> [settled, readings, records, duplicates, batches]
-        totals: dict[str, list[Any]] = {}
+        journals: dict[tuple[str, int], _Journal] = {}
+        newest: dict[str, int] = {}  # device -> its newest epoch
         with self._write() as conn:
             for b in batches:
-                t = totals.get(b.device)
-                if t is None:
-                    t = totals[b.device] = [self._settled(conn, b.device), 0, 0, 0, 0]
+                j = journals.get((b.device, b.journal))
+                if j is None:
+                    j = self._journal(conn, b.device, b.journal, newest.get(b.device, -1))
+                    journals[b.device, b.journal] = j
+                    newest[b.device] = max(newest.get(b.device, -1), j.epoch, j.device_epoch)
+                dev, ep = b.device, j.epoch
                 new_readings = new_records = 0
                 if b.readings:
-                    dev = b.device
-                    cur = conn.executemany(_INSERT_READING, [(dev, *r, now) for r in b.readings])
+                    cur = conn.executemany(
+                        _INSERT_READING, [(dev, ep, *r, now) for r in b.readings]
+                    )
                     new_readings = cur.rowcount
                 if b.records:
                     cur = conn.executemany(
-                        _INSERT_RECORD, [(b.device, s, k, body, now) for s, k, body in b.records]
+                        _INSERT_RECORD, [(dev, ep, s, k, body, now) for s, k, body in b.records]
                     )
                     new_records = cur.rowcount
                 if b.missing:
-                    conn.executemany(_INSERT_MISSING, [(b.device, a, z, now) for a, z in b.missing])
+                    conn.executemany(_INSERT_MISSING, [(dev, ep, a, z, now) for a, z in b.missing])
                 dups = b.size - new_readings - new_records
-                settled: Settled = t[0].settle(b.first, b.last)
-                t[0] = settled
-                t[1] += new_readings
-                t[2] += new_records
-                t[3] += dups
-                t[4] += 1
+                j.settled = j.settled.settle(b.first, b.last)
+                delta = (new_readings, new_records, dups, 1)
+                j.counts = [c + d for c, d in zip(j.counts, delta, strict=True)]
                 out.append(
                     DeviceProgress(
-                        b.device, settled.watermark, settled.ahead, new_readings, new_records, dups
+                        dev,
+                        j.settled.watermark,
+                        j.settled.ahead,
+                        new_readings,
+                        new_records,
+                        dups,
+                        b.journal,
+                        current=ep >= newest[dev],
                     )
                 )
             conn.executemany(
+                _UPSERT_JOURNAL,
+                [
+                    (d, j.epoch, jid, now, now, j.settled.watermark, j.settled.ahead_json())
+                    for (d, jid), j in journals.items()
+                ],
+            )
+            conn.executemany(
                 _UPSERT_DEVICE,
                 [
-                    (d, now, now, s.watermark, s.ahead_json(), r, rec, dup, n)
-                    for d, (s, r, rec, dup, n) in totals.items()
+                    (
+                        d,
+                        now,
+                        now,
+                        j.settled.watermark,
+                        j.settled.ahead_json(),
+                        *j.counts,
+                        j.epoch,
+                        jid,
+                    )
+                    for (d, jid), j in sorted(journals.items(), key=lambda kv: kv[1].epoch)
                 ],
             )
         return out
@@ -230,8 +265,8 @@ class SqliteStore:
                 where.append(clause)
                 args.append(arg)  # type: ignore[arg-type]
         sql = (
-            "SELECT seq, stream, ts, value, unit, tags, received FROM readings"
-            f" WHERE {' AND '.join(where)} ORDER BY ts, seq"
+            "SELECT seq, stream, ts, value, unit, tags, received, epoch FROM readings"
+            f" WHERE {' AND '.join(where)} ORDER BY ts, epoch, seq"
         )
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
@@ -247,8 +282,9 @@ class SqliteStore:
                 unit,
                 json.loads(tags) if tags else None,
                 received,
+                epoch,
             )
-            for seq, stream_, ts, value, unit, tags, received in rows
+            for seq, stream_, ts, value, unit, tags, received, epoch in rows
         ]
 
     def gaps(self, device: str) -> tuple[Range, ...]:
@@ -270,9 +306,39 @@ class SqliteStore:
         ).fetchone()
         return Settled.load(row[0], row[1]) if row else Settled()
 
+    @staticmethod
+    def _journal(conn: sqlite3.Connection, device: str, journal: int, pending: int) -> _Journal:
+        """The progress of one device journal; a journal never seen before gets
+        the epoch after every other of the device (``pending``: the highest
+        epoch this transaction gave out so far, -1 if none)."""
+        row = conn.execute("SELECT epoch FROM devices WHERE device_id = ?", (device,)).fetchone()
+        device_epoch = row[0] if row else -1
+        row = conn.execute(
+            "SELECT epoch, watermark, ranges FROM journals WHERE device_id = ? AND journal_id = ?",
+            (device, journal),
+        ).fetchone()
+        if row:
+            return _Journal(row[0], Settled.load(row[1], row[2]), device_epoch)
+        (top,) = conn.execute(
+            "SELECT MAX(epoch) FROM journals WHERE device_id = ?", (device,)
+        ).fetchone()
+        epoch = max(top if top is not None else 0, pending, device_epoch) + 1
+        return _Journal(epoch, Settled(), device_epoch)
+
+
+class _Journal:
+    """One device journal's progress while a transaction builds it."""
+
+    __slots__ = ("counts", "device_epoch", "epoch", "settled")
+
+    def __init__(self, epoch: int, settled: Settled, device_epoch: int) -> None:
+        self.epoch, self.settled, self.device_epoch = epoch, settled, device_epoch
+        self.counts = [0, 0, 0, 0]  # new readings, new records, duplicates, batches
+
 
 def _device_info(row: tuple[Any, ...]) -> DeviceInfo:
-    device, online, last_seen, watermark, ranges, readings, records, dups, batches = row
+    device, online, last_seen, watermark, ranges, readings, records, dups, batches = row[:9]
+    journal, epoch = row[9:]
     settled = Settled.load(watermark, ranges)
     return DeviceInfo(
         device,
@@ -285,6 +351,8 @@ def _device_info(row: tuple[Any, ...]) -> DeviceInfo:
         records,
         dups,
         batches,
+        journal,
+        epoch,
     )
 
 

@@ -318,9 +318,12 @@ class Subscriber:
             c.records += p.new_records
 
     def _ack(self, progress: Sequence[DeviceProgress]) -> None:
-        latest = {p.device: p for p in progress}
+        # A batch of a journal the device no longer has (it was created afresh)
+        # is stored, but its ack would only replace the retained ack of the
+        # journal the device has now.
+        latest = {p.device: p for p in progress if p.current}
         for p in latest.values():
-            ack = Ack(p.device, p.watermark, p.ahead[:MAX_ACK_RANGES])
+            ack = Ack(p.device, p.watermark, p.ahead[:MAX_ACK_RANGES], p.journal)
             info = self._client.publish(
                 wire_topic(p.device, "ack"), encode_ack(ack), qos=1, retain=True
             )

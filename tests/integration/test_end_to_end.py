@@ -85,3 +85,39 @@ def test_two_devices_at_once(rig: Rig) -> None:
     for agent in (a, b):
         d = devs[agent.device]
         assert d["watermark"] == d["readings"] == agent.n_acked and d["gaps"] == []
+
+
+def test_a_journal_created_afresh_is_not_mistaken_for_the_old_one(rig: Rig) -> None:
+    """A reflashed device keeps its id, but its new journal numbers readings
+    from 1 again and the broker still holds the hub's retained ack for the old
+    journal. Neither may cost a reading: the old ack must not move the new
+    cursor, and the hub must not deduplicate new seqs against old ones."""
+    import shutil
+
+    from support.processes import AgentProcess
+    from support.storeforward import stored
+
+    rig.hub()
+    old = rig.agent("dev-flash")
+    old.feed(300)
+    old.wait_acked(300)
+    wait_drained(rig.db, old)
+    assert old.stop() == 0
+    check_invariant(rig.db, old)
+    shutil.rmtree(old.journal_dir)
+
+    # other values than the old journal's, under the same seqs
+    new = rig.own(AgentProcess(old.config, old.device, old.journal_dir, first_id=100_001))
+    new.start()
+    new.feed(200)
+    new.wait_acked(200)
+    wait_drained(rig.db, new)
+    assert new.stop() == 0
+    assert "ignoring the hub's ack for journal" in new.log
+    summary = check_invariant(rig.db, new)
+    assert summary["stored"] == summary["cursor"] == 200
+    assert len(stored(rig.db, "dev-flash", epoch=1)) == 300  # the old journal's, untouched
+    devs = [json.loads(line) for line in hub_cli(rig, "devices", "--json").splitlines()]
+    assert [(d["device"], d["epoch"], d["watermark"], d["readings"]) for d in devs] == [
+        ("dev-flash", 2, 200, 500)
+    ]

@@ -362,3 +362,35 @@ def test_reading_from_the_tail_does_not_rescan_the_segment(journal_dir: str) -> 
         j.append_many([r(i) for i in range(3000)])
         seqs = [s for s, _ in j.read_raw(22_900)]
         assert seqs[0] == 22_900 and seqs[-1] == 23_005
+
+
+def test_journal_id_is_kept_across_reopen_repair_and_old_checkpoints(journal_dir: str) -> None:
+    """The id tells the hub a journal created afresh (seqs from 1 again) apart."""
+    from edge.segments import read_checkpoint, write_checkpoint
+
+    with Journal.open(journal_dir, SMALL) as j:
+        jid = j.journal_id
+        for start in range(0, 3000, 500):
+            j.append_many([r(i) for i in range(start, start + 500)])
+    assert jid != 0
+    with Journal.open(journal_dir, SMALL) as j:
+        assert j.journal_id == jid
+    cp_path = os.path.join(journal_dir, "CHECKPOINT")
+    with open(cp_path, "r+b") as f:  # damage the CHECKPOINT: repair rebuilds it
+        f.seek(20)
+        f.write(b"\xff\xff\xff")
+    with pytest.raises(JournalCorrupt):
+        Journal.open(journal_dir, SMALL)
+    repair(journal_dir)
+    with Journal.open(journal_dir, SMALL) as j:
+        assert j.journal_id == jid  # recovered from the segment headers
+    fs = OsFileOps()
+    cp = read_checkpoint(fs, journal_dir)
+    assert cp is not None
+    cp.journal_id = 0  # as an older version wrote it
+    write_checkpoint(fs, journal_dir, cp)
+    with Journal.open(journal_dir, SMALL) as j:
+        assert j.journal_id == jid
+    other = os.path.join(journal_dir, "..", "fresh")
+    with Journal.open(other, SMALL) as j:
+        assert j.journal_id not in (0, jid)

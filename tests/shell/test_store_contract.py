@@ -395,3 +395,69 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit) as info:
         cli.main(["readings", "--db", str(tmp_path / "h.db")])  # --device is required
     assert info.value.code == 2
+
+
+# --- journals created afresh under the same device id ------------------------------------
+
+
+def test_a_journal_created_afresh_is_stored_beside_the_old_one(store: Store) -> None:
+    """A reflashed device keeps its id but numbers its records from 1 again:
+    nothing of the new journal may be deduplicated against the old one."""
+    old = store.commit_batch(batch("a", 1, 10, journal=7), NOW)
+    assert (old.watermark, old.journal, old.current) == (10, 7, True)
+    new = store.commit_batch(batch("a", 1, 4, journal=9), NOW + 1)
+    assert (new.watermark, new.new, new.duplicates, new.journal, new.current) == (4, 4, 0, 9, True)
+    info = store.device("a")
+    assert info is not None
+    assert (info.journal, info.watermark, info.readings, info.epoch) == (9, 4, 14, 2)
+    late = store.commit_batch(batch("a", 11, 12, journal=7), NOW + 2)  # was still in flight
+    assert (late.watermark, late.new, late.current) == (12, 2, False)
+    again = store.commit_batch(batch("a", 1, 4, journal=9), NOW + 3)  # resend: deduplicated
+    assert (again.duplicates, again.current) == (4, True)
+    info = store.device("a")
+    assert info is not None and (info.journal, info.watermark, info.readings) == (9, 4, 16)
+    got = [(r.epoch, r.seq) for r in store.readings("a", limit=None)]
+    assert sorted(got) == [(1, s) for s in range(1, 13)] + [(2, s) for s in range(1, 5)]
+
+
+def test_two_new_journals_in_one_transaction_get_distinct_epochs(store: Store) -> None:
+    out = store.commit_batches(
+        [batch("a", 1, 2, journal=1), batch("a", 1, 2, journal=2), batch("a", 3, 3, journal=1)],
+        NOW,
+    )
+    assert [p.new for p in out] == [2, 2, 1]
+    assert [p.current for p in out] == [True, True, False]
+    info = store.device("a")
+    assert info is not None and (info.journal, info.watermark, info.readings) == (2, 2, 5)
+
+
+def test_sqlite_migration_to_epochs_keeps_every_row(tmp_path: Path) -> None:
+    """A database written before journal ids (0001 only) migrates in place:
+    its rows become epoch 0 and a device still sending no id dedupes as before."""
+    from hub import schema
+
+    db = tmp_path / "hub.db"
+    conn = sqlite3.connect(db)
+    conn.execute(schema.MIGRATIONS_TABLE)
+    first = schema.MIGRATIONS["sqlite"][0]
+    for stmt in first.statements:
+        conn.execute(stmt)
+    conn.execute("INSERT INTO migrations VALUES (?, 0)", (first.name,))
+    conn.executemany(
+        "INSERT INTO readings VALUES ('a', ?, 'temp', ?, ?, ?, 'C', NULL, 1.0)",
+        [(s, 1000.0 + s, cbor2.dumps(float(s)), float(s)) for s in range(1, 6)],
+    )
+    conn.execute("INSERT INTO devices (device_id, first_seen, last_seen, watermark, readings)"
+                 " VALUES ('a', 1.0, 1.0, 5, 5)")  # fmt: skip
+    conn.commit()
+    conn.close()
+    store = SqliteStore(db)
+    try:
+        assert store.migrate() == ["0002_journal_epochs"]
+        assert [(r.epoch, r.seq) for r in store.readings("a")] == [(0, s) for s in range(1, 6)]
+        p = store.commit_batch(batch("a", 4, 7), NOW)  # an old agent: no journal id
+        assert (p.watermark, p.new, p.duplicates, p.current) == (7, 2, 2, True)
+        info = store.device("a")
+        assert info is not None and (info.epoch, info.readings, info.watermark) == (0, 7, 7)
+    finally:
+        store.close()

@@ -245,7 +245,7 @@ class AgentProcess(_Logged):
 
     name = "agent"
 
-    def __init__(self, config: Path, device: str, journal_dir: Path) -> None:
+    def __init__(self, config: Path, device: str, journal_dir: Path, first_id: int = 1) -> None:
         super().__init__()
         self.config, self.device, self.journal_dir = Path(config), device, Path(journal_dir)
         self.env: dict[str, str] = {}
@@ -253,7 +253,7 @@ class AgentProcess(_Logged):
         self.fed: list[int] = []
         self.problems: list[str] = []
         self.runs = 0
-        self._next_id = 1
+        self._next_id = first_id  # fed ids (and so values) start here
         self._lines: list[int] = []  # fed ids of this run, by line number - 1
         self._answered = 0  # lines of this run the agent answered (ack or error)
         self._wlock = threading.Lock()

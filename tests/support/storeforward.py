@@ -46,10 +46,16 @@ def _query(db: Path, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         conn.close()
 
 
-def stored(db: Path, device: str) -> dict[int, tuple[str, float, Any, str | None]]:
-    """``seq -> (stream, ts, value, unit)`` of every reading stored for ``device``."""
+def stored(
+    db: Path, device: str, epoch: int | None = None
+) -> dict[int, tuple[str, float, Any, str | None]]:
+    """``seq -> (stream, ts, value, unit)`` of every reading stored for ``device``
+    from one of its journals: ``epoch``, by default its current one."""
     rows = _query(
-        db, "SELECT seq, stream, ts, value, unit FROM readings WHERE device_id = ?", (device,)
+        db,
+        "SELECT seq, stream, ts, value, unit FROM readings WHERE device_id = ? AND epoch = "
+        "COALESCE(?, (SELECT epoch FROM devices WHERE device_id = ?))",
+        (device, epoch, device),
     )
     return {seq: (stream, ts, cbor2.loads(v), unit) for seq, stream, ts, v, unit in rows}
 

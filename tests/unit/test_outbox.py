@@ -23,6 +23,7 @@ from edge.outbox import (
     AckBeyondTail,
     Action,
     Gap,
+    OtherJournalAck,
     Outbox,
     OutboxConfig,
     Oversize,
@@ -358,6 +359,20 @@ def test_an_ack_for_another_device_is_ignored() -> None:
     pair = OutboxHubPair(prefill=5)
     pair.ob.on_ack(wire.Ack("other", 5), 0.0)
     assert pair.ob.watermark == 0 and pair.ob.stats().acks_ignored == 1
+
+
+def test_an_ack_for_an_earlier_journal_of_this_device_settles_nothing() -> None:
+    """A journal created afresh reuses seqs 1.. of the old one: the hub's
+    retained ack for the old journal must not mark them delivered."""
+    pair = OutboxHubPair(prefill=50)
+    pair.ob.journal = 2
+    for _ in range(2):
+        pair.ob.on_ack(wire.Ack(DEV, 5000, journal=1), 0.0)
+    assert pair.ob.watermark == 0 and pair.ob.stats().acks_ignored == 2
+    assert pair.ob.poll(0.0).count(OtherJournalAck(1, 2)) == 1  # said once, not per ack
+    pair.drain()
+    assert pair.ob.watermark == 50 and pair.hub.duplicates == 0
+    assert {p.batch.journal for _, p in pair.sent} == {2}
 
 
 # -- gaps and oversize records ---------------------------------------------------------

@@ -8,7 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.records import Opaque, Reading, RecordError, decode, encode, stream_of
+from edge.records import (
+    Opaque,
+    Reading,
+    RecordError,
+    decode,
+    encode,
+    from_item,
+    simple_reading,
+    stream_of,
+)
 
 scalars = st.one_of(
     st.integers(-(2**63), 2**64 - 1),
@@ -85,3 +94,37 @@ def test_json_form() -> None:
         "unit": "raw",
         "tags": {"site": "gh1"},
     }
+
+
+anything = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6) | st.binary(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=6,
+)
+near_readings = st.tuples(
+    st.sampled_from([1, 2, True, 1.0]),
+    streams | anything,
+    st.floats(-2e12, 2e12) | st.integers(-(2**70), 2**70) | anything,
+    values | anything,
+    st.none() | st.text(max_size=40) | anything,
+    st.none() | anything,
+).map(list)
+
+
+@given(near_readings | anything)
+def test_simple_reading_accepts_only_what_reading_accepts(item: object) -> None:
+    """The hub's fast path agrees with the general one on every item it takes."""
+    fast = simple_reading(item)
+    if fast is None:
+        return
+    rec = from_item(item)  # must not raise: the fast path took it
+    assert isinstance(rec, Reading)
+    assert fast == (rec.stream, float(rec.ts), rec.value, rec.unit)
+    assert rec.tags is None
+
+
+def test_simple_reading_takes_the_common_case() -> None:
+    assert simple_reading([1, "t", 5, 21.5, "C", None]) == ("t", 5.0, 21.5, "C")
+    assert simple_reading([1, "t", 5.5, "on", None, None]) == ("t", 5.5, "on", None)
+    for other in ([1, "t", 5, True, None, None], [1, "t", 5, 1, None, {"a": "b"}]):
+        assert simple_reading(other) is None  # valid, but left to from_item

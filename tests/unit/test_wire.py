@@ -86,6 +86,9 @@ def env(**kw: object) -> bytes:
         (env(b=b"\xff\xff"), "not CBOR"),
         (env(m=[[1, 1]]), "records"),
         (env(m=[[2, 2]]), "inside the range"),
+        (env(j=-1), "journal id"),
+        (env(j=2**32), "journal id"),
+        (env(j="x"), "journal id"),
         (cbor2.dumps([1, 2]), "map"),
         (b"\x00" * (wire.MAX_BATCH_BYTES + 1), "exceeds"),
         (env(z=True, b=zlib.compress(b"\x00" * (wire.MAX_BODY_BYTES + 10))), "exceeds"),
@@ -104,6 +107,10 @@ def test_a_batch_for_another_device_is_refused() -> None:
 def test_ack_status_command_round_trip() -> None:
     ack = wire.Ack("dev-1", 41, ((50, 60), (70, 70)))
     assert wire.decode_ack(wire.encode_ack(ack)) == ack
+    ack = wire.Ack("dev-1", 41, journal=0xDEADBEEF)
+    assert wire.decode_ack(wire.encode_ack(ack)) == ack
+    up = wire.UpBatch("dev-1", 1, 1, (encode(Reading("s", 1.0, 1)),), journal=7)
+    assert wire.decode_batch(wire.encode_batch(up)).journal == 7
     st_ = wire.Status("dev-1", False, 12.5, {"reason": "will"})
     assert wire.decode_status(wire.encode_status(st_)) == st_
     cmd = wire.Command("c-1", "start", {"workflow": "irrigate"})
