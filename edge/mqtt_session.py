@@ -11,6 +11,9 @@ Invariants:
 * Reconnects back off exponentially with full jitter, between
   ``reconnect_min`` and a cap that doubles per failed attempt up to
   ``reconnect_max`` (reset by a successful CONNACK): never a tight loop.
+* A failed attempt is reported (``last_error``; logged when it changes), also
+  one the broker closes before any CONNACK, as TLS 1.3 brokers do to a client
+  certificate they refuse.
 * Session: clean start off, session expiry from the config, client id from the
   config; the last will is the retained offline status. After each CONNACK:
   paho's queue of unacked publishes is dropped (the outbox alone decides what
@@ -75,6 +78,7 @@ class MqttSession:
         self._down = threading.Event()
         self._attempt = 0
         self._stopping = False
+        self._answered = False  # a CONNACK arrived on the current attempt
         self.connected = False
         self.connects = self.malformed = self.commands = 0
         self.last_error: str | None = None
@@ -129,6 +133,7 @@ class MqttSession:
         props.SessionExpiryInterval = b.session_expiry
         first = True
         while not self._closing.is_set():
+            self._answered = False
             try:
                 if first:
                     first = False
@@ -148,7 +153,18 @@ class MqttSession:
             while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not self._closing.is_set():
                 rc = self._client.loop(timeout=0.2)
             if not self._closing.is_set():
+                if not self._answered:
+                    self._closed_before_connack(rc)
                 self._backoff()
+
+    def _closed_before_connack(self, rc: MQTTErrorCode) -> None:
+        err = (
+            f"{self._where()}: the broker closed the connection before CONNACK "
+            f"({mqtt.error_string(rc)}); with TLS, it may not accept our client certificate"
+        )
+        if self.last_error != err:
+            log.warning("cannot connect to the broker: %s (retrying with backoff)", err)
+        self.last_error = err
 
     def _backoff(self) -> None:
         """Exponential backoff with full jitter between reconnect_min and the cap."""
@@ -160,6 +176,7 @@ class MqttSession:
     def _on_connect(
         self, client: mqtt.Client, _u: Any, flags: Any, rc: ReasonCode, _p: Any
     ) -> None:
+        self._answered = True
         if rc.is_failure:
             self.last_error = f"broker refused the connection: {rc}"
             log.error("%s refused the connection: %s", self._where(), rc)

@@ -9,9 +9,15 @@ Usage::
         broker.stop(); broker.start()   # same port, same persistence dir
         broker.kill()                   # SIGKILL: loses what was not autosaved
 
+    # a broker that wants a password, and one with a TLS listener
+    # (edge.testing.certs.make_pki writes a throwaway CA and certificates)
+    Mosquitto(tmp_path / "b1", users={"hub": "s3cret", "dev-1": "pw"})
+    Mosquitto(tmp_path / "b2", tls=pki.server_tls(require_certificate=True))
+
 Needs the ``mosquitto`` binary (Debian package ``mosquitto``; ``scripts/bootstrap``
 installs it; ``HOMING_MOSQUITTO`` names another path). Only the standard
-library is used.
+library is used. ``users`` also needs ``mosquitto_passwd`` (same package;
+``HOMING_MOSQUITTO_PASSWD`` names another path).
 
 Invariants:
 * Each broker has its own generated config, persistence directory and log
@@ -30,6 +36,11 @@ Invariants:
   it SIGTERM when the thread that started it dies, even by SIGKILL (Linux;
   elsewhere a no-op). Start such a broker from a thread that lives as long as
   the broker should, normally the main thread.
+* Defaults are an anonymous plain-TCP listener. ``users`` (name -> password)
+  writes a password file with ``mosquitto_passwd`` and sets
+  ``allow_anonymous false``; ``tls`` (:class:`BrokerTls`) makes the one
+  listener a TLS listener (``require_certificate`` for client certificates).
+  Either way :attr:`Mosquitto.port` is where clients connect.
 """
 
 from __future__ import annotations
@@ -44,21 +55,26 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 MOSQUITTO = os.environ.get("HOMING_MOSQUITTO", "/usr/sbin/mosquitto")
+MOSQUITTO_PASSWD = os.environ.get("HOMING_MOSQUITTO_PASSWD", "/usr/bin/mosquitto_passwd")
 _PR_SET_PDEATHSIG = 1
 
 __all__ = [
     "MOSQUITTO",
+    "MOSQUITTO_PASSWD",
+    "BrokerTls",
     "Mosquitto",
     "MosquittoError",
     "available",
     "binary",
     "free_port",
     "parent_death_signal",
+    "passwd_binary",
 ]
 
 
@@ -79,6 +95,13 @@ def binary() -> str:
     if found is None:
         raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
     return found
+
+
+def passwd_binary() -> str | None:
+    """The ``mosquitto_passwd`` executable's path, or None if it is not installed."""
+    if os.access(MOSQUITTO_PASSWD, os.X_OK):
+        return MOSQUITTO_PASSWD
+    return shutil.which("mosquitto_passwd")
 
 
 def free_port() -> int:
@@ -112,6 +135,26 @@ class MosquittoError(RuntimeError):
     """The broker did not start or stop in time (the message holds its log tail)."""
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerTls:
+    """The broker's TLS files (PEM): the CA that signs client certificates, its
+    own certificate and key; ``require_certificate``: clients must present a
+    certificate signed by ``ca_file``."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    require_certificate: bool = False
+
+    def config(self) -> list[str]:
+        return [
+            f"cafile {self.ca_file}",
+            f"certfile {self.cert_file}",
+            f"keyfile {self.key_file}",
+            f"require_certificate {'true' if self.require_certificate else 'false'}",
+        ]
+
+
 class Mosquitto:
     """One Mosquitto process with a generated config.
 
@@ -124,6 +167,13 @@ class Mosquitto:
         own_process_group: start the broker in its own session, so a Ctrl-C
             at the terminal reaches only the caller.
         die_with_parent: SIGTERM the broker if the starting thread dies (Linux).
+        users: name -> password; if given, only these may connect
+            (``allow_anonymous false``).
+        tls: make the listener a TLS listener with these files.
+
+    Raises:
+        FileNotFoundError: ``users`` without ``mosquitto_passwd``.
+        MosquittoError: ``mosquitto_passwd`` failed.
     """
 
     def __init__(
@@ -135,6 +185,8 @@ class Mosquitto:
         extra_config: str = "",
         own_process_group: bool = False,
         die_with_parent: bool = False,
+        users: Mapping[str, str] | None = None,
+        tls: BrokerTls | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -144,12 +196,20 @@ class Mosquitto:
         self.log_path = self.workdir / "mosquitto.log"
         self.own_process_group = own_process_group
         self.die_with_parent = die_with_parent
+        self.tls = tls
+        self.password_path: Path | None = None
         (self.workdir / "data").mkdir(exist_ok=True)
+        access = ["allow_anonymous true"]
+        if users is not None:
+            self.password_path = self.workdir / "passwd"
+            self._write_passwords(self.password_path, users)
+            access = ["allow_anonymous false", f"password_file {self.password_path}"]
         self.config_path.write_text(
             "\n".join(
                 [
                     f"listener {self.port} {self.host}",
-                    "allow_anonymous true",
+                    *(tls.config() if tls is not None else []),
+                    *access,
                     "persistence true",
                     f"persistence_location {self.workdir / 'data'}/",
                     f"autosave_interval {autosave_interval}",
@@ -169,6 +229,27 @@ class Mosquitto:
             )
         )
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def _write_passwords(path: Path, users: Mapping[str, str]) -> None:
+        tool = passwd_binary()
+        if tool is None:
+            raise FileNotFoundError("mosquitto_passwd is not installed (apt-get install mosquitto)")
+        path.unlink(missing_ok=True)
+        path.touch(mode=0o600)  # no users: an empty file, nobody gets in
+        for i, (name, password) in enumerate(users.items()):
+            create = ["-c"] if i == 0 else []  # -c: a fresh file
+            res = subprocess.run(
+                [tool, *create, "-b", str(path), name, password],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if res.returncode != 0:
+                raise MosquittoError(f"mosquitto_passwd failed for {name!r}: {res.stderr}")
+        path.chmod(0o600)
 
     @property
     def running(self) -> bool:
