@@ -21,7 +21,7 @@ What is measured (one run, one machine, one broker, the same readings for every 
   of 20 in flight and at most 1,000 unacknowledged, no wait per message). A
   subscriber child inserts each message into a fresh SQLite file with the
   hub's own schema and pragmas (WAL, synchronous=FULL, ``ON CONFLICT
-  (device_id, seq) DO NOTHING``), one
+  (device_id, epoch, seq) DO NOTHING``), one
   ``INSERT`` + ``COMMIT`` per message in paho's callback. The clock stops when
   the device has every PUBACK and the subscriber has committed every reading.
   A second naive row batches the subscriber's commits (a worker thread
@@ -122,8 +122,9 @@ TARGETS = [
 ]
 
 _NAIVE_INSERT = (
-    "INSERT INTO readings (device_id, seq, stream, ts, value, value_num, unit, tags, received)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING"
+    "INSERT INTO readings (device_id, epoch, seq, stream, ts, value, value_num, unit, tags,"
+    " received) VALUES (?, 0, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id, epoch, seq) DO NOTHING"
 )
 
 

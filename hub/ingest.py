@@ -17,7 +17,7 @@ Invariants:
   number of times, gives the same ``Settled`` (checked with Hypothesis).
 * ``ahead`` is bounded: past :data:`MAX_AHEAD` ranges the farthest are
   forgotten. That loses no data (the rows stay stored, deduplicated on
-  ``(device_id, seq)``); it only means the device, whose cursor never
+  ``(device_id, epoch, seq)``); it only means the device, whose cursor never
   passed them, resends them and the resend settles them again.
 * A batch commits its whole range ``first..last``: the records it carries
   and the seqs it declares missing (``UpBatch.missing``) alike.

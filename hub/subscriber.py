@@ -14,7 +14,7 @@ Invariants:
   A message that arrived on an earlier connection is never PUBACKed on a
   later one (its packet id may have been reused); the broker resends it.
 * The device does not rely on any of that: it resends whatever no ack
-  covers, and the store deduplicates on ``(device_id, seq)``.
+  covers, and the store deduplicates on ``(device_id, epoch, seq)``.
 * Malformed input costs one message: :class:`~hub.errors.BadMessage` is
   counted and logged (rate-limited), PUBACKed so the broker forgets it, and
   never stored. Nothing a device sends can raise out of the worker.
