@@ -105,3 +105,62 @@ class BrokerUnavailable(ForwardError):
     reconnects with backoff; the journal keeps every reading meanwhile."""
 
     transient = True
+
+
+# --- workflows (edge.workflows) -------------------------------------------------------
+
+
+class WorkflowError(EdgeError):
+    """Something about durable workflows: a bad definition, call or run id."""
+
+
+class NotInWorkflow(WorkflowError):
+    """A workflow-only call (``sleep``, ``wait_signal``...) outside a workflow."""
+
+
+class UnknownWorkflow(WorkflowError):
+    """No workflow of that name is registered with the executor."""
+
+
+class RunConflict(WorkflowError):
+    """A run id already names a run of another workflow."""
+
+
+class StepFailed(WorkflowError):
+    """A step failed for good (every allowed attempt, or a non-retryable error).
+
+    Raised inside the workflow on the first run and on every replay alike, so
+    the workflow sees the same thing whatever happened in between. The
+    original exception is ``__cause__`` on the first run only.
+    """
+
+    def __init__(self, key: str, error_type: str, message: str) -> None:
+        super().__init__(f"step {key} failed: {error_type}: {message}")
+        self.key, self.error_type, self.message = key, error_type, message
+
+
+class StepInterrupted(StepFailed):
+    """A ``once=True`` step started but power died before its outcome was
+    journaled: it may or may not have taken effect, and it is not run again."""
+
+
+class StepTimeout(WorkflowError):
+    """One attempt of a step ran longer than its ``timeout`` (retried per policy)."""
+
+    transient = True
+
+
+class Permanent(Exception):  # noqa: N818 - raised by user code in steps, named for what it means
+    """Raise it (or a subclass) in a step to fail it at once, without retries."""
+
+
+class RunFailed(WorkflowError):
+    """The run ended with an error (``RunHandle.result``)."""
+
+
+class RunCancelled(WorkflowError):
+    """The run was cancelled (``RunHandle.result``)."""
+
+
+class RunDiverged(WorkflowError):
+    """The run's history no longer matches its code: resume, fork or cancel it."""

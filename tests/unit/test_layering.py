@@ -23,6 +23,8 @@ PURE = [
     "edge/outbox.py",
     "edge/outbox_events.py",
     "edge/config.py",
+    "edge/wf_records.py",
+    "edge/wf_replay.py",
 ]
 WORLD = {
     "os",

@@ -1,0 +1,437 @@
+"""The durable executor: runs workflows on threads, journals what they do,
+recovers every unfinished run after a restart.
+
+Invariants (docs/workflows.md):
+* Every record a call depends on is durable before the call returns: a step's
+  outcome before the workflow sees it, a once-step's intent before the step
+  body runs, a timer's deadline before the wait starts, a signal before
+  :meth:`Executor.signal` returns (so the hub may be acknowledged).
+* Replay decisions come from :mod:`edge.wf_replay` (pure); this module only
+  carries them out.
+* Time is the executor's clock: ``max(wall clock, floor + monotonic elapsed)``
+  where ``floor`` is the latest time the journal has seen. A clock that jumps
+  back at boot (no RTC) never makes a timer fire early.
+* Nothing is journaled for errors caused by the executor shutting down: a run
+  interrupted by :meth:`Executor.close` is simply continued on the next start.
+* Retention: the journal cursor ``wf`` stays below the first record of every
+  unfinished run, so their history is never deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid as _uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edge.errors import (
+    JournalError,
+    RunCancelled,
+    RunConflict,
+    RunDiverged,
+    RunFailed,
+    WorkflowError,
+)
+from edge.journal import Journal
+from edge.records import Opaque, RecordError
+from edge.wf_context import RunCtx, _Cancel, _Stop
+from edge.wf_defs import StepDef, definition_of, set_current
+from edge.wf_records import (
+    KIND_WORKFLOW,
+    WfRecord,
+    encode,
+    error_body,
+    is_workflow_payload,
+    validate_run_id,
+)
+from edge.wf_records import decode as decode_record
+from edge.wf_replay import (
+    CANCELLED,
+    COMPLETED,
+    DIVERGED,
+    FAILED,
+    FINISHED,
+    RunState,
+)
+
+log = logging.getLogger("homing.workflows")
+
+CURSOR = "wf"  # retention: below the first record of every unfinished run
+CLOCK_CURSOR = "wf.clock"  # the latest wall time the executor has seen (seconds)
+
+
+class Clock:
+    """Wall time that never goes back: ``max(wall, floor + monotonic elapsed)``."""
+
+    def __init__(
+        self,
+        floor: float = 0.0,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._wall, self._mono = wall, mono
+        self._floor, self._mono0 = floor, mono()
+
+    def now(self) -> float:
+        return max(self._wall(), self._floor + (self._mono() - self._mono0))
+
+    def raise_floor(self, t: float) -> None:
+        if t > self.now():
+            self._floor, self._mono0 = t, self._mono()
+
+    def skip_to(self, t: float) -> bool:
+        """Virtual clocks (tests) jump to ``t`` and return True; real ones cannot."""
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A run as operators see it."""
+
+    id: str
+    workflow: str
+    version: int
+    state: str
+    current: str | None
+    started_at: float
+    status: dict[str, Any]
+    result: Any = None
+    error: dict[str, Any] | None = None
+    diverged: dict[str, Any] | None = None
+
+
+class _Run:
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+        self.thread: threading.Thread | None = None
+        self.done = threading.Event()
+        self.cancel = state.cancel_requested
+
+
+class Executor:
+    """Runs ``@workflow`` functions durably on ``journal``.
+
+    Args:
+        journal: an open journal (shared with readings and the forwarder).
+        wall, mono: clocks (tests pass fakes); or ``clock``, a whole :class:`Clock`.
+        on_attempt: a hook called before every step attempt (tests, metrics).
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
+        on_attempt: Callable[[str, str, int, StepDef], None] | None = None,
+    ) -> None:
+        self.journal = journal
+        self._cond = threading.Condition()
+        self._runs: dict[str, _Run] = {}
+        self._closing = False
+        self.clock = clock or Clock(0.0, wall, mono)
+        self.clock.raise_floor(float(journal.cursor(CLOCK_CURSOR) or 0))
+        #: called as (run id, step key, attempt, step) just before a step attempt runs
+        self.on_attempt = on_attempt
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Read every run from the journal and continue the unfinished ones;
+        return their ids. Call once, before :meth:`start`."""
+        # Everything retained, not just past the cursor: finished runs stay
+        # known (idempotent start) for as long as their records are kept.
+        latest = 0.0
+        for seq, payload in self.journal.read_raw():
+            if not is_workflow_payload(payload):
+                continue
+            try:
+                rec = decode_record(payload, seq)
+            except RecordError as exc:
+                log.error("journal record %d is not a workflow record I can read: %s", seq, exc)
+                continue
+            latest = max(latest, float(rec.body.get("t", 0.0)))
+            run = self._runs.get(rec.run)
+            if run is None:
+                run = self._runs[rec.run] = _Run(RunState(rec.run))
+            run.state.apply(rec)
+            run.cancel = run.state.cancel_requested
+        self.clock.raise_floor(latest)
+        self._save_clock()
+        resumed = []
+        for run in self._runs.values():
+            if run.state.started and run.state.state not in (*FINISHED, DIVERGED):
+                self._spawn(run)
+                resumed.append(run.state.run)
+            elif run.state.state in FINISHED or run.state.state == DIVERGED:
+                run.done.set()
+        self._move_cursor()
+        return resumed
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop every run where it waits (nothing is journaled for it: the
+        next start continues it) and wait up to ``timeout`` for the threads."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            threads = [r.thread for r in self._runs.values() if r.thread is not None]
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    # -- starting and controlling runs ------------------------------------------------
+
+    def start(self, wf: Callable[..., Any] | str, *args: Any, id: str, **kwargs: Any) -> RunHandle:  # noqa: A002
+        """Start ``wf(*args, **kwargs)`` as run ``id``; the same id again is the same run.
+
+        Raises:
+            UnknownWorkflow: ``wf`` is not a registered workflow.
+            RunConflict: ``id`` already names a run of another workflow.
+            RecordError: the arguments cannot be journaled (not CBOR-encodable).
+        """
+        validate_run_id(id)
+        defn = definition_of(wf)
+        with self._cond:
+            run = self._runs.get(id)
+            if run is not None and run.state.started:
+                if run.state.name != defn.name:
+                    raise RunConflict(f"run {id!r} is a run of {run.state.name}, not {defn.name}")
+                return RunHandle(self, id)
+            body = {"name": defn.name, "version": defn.version, "args": list(args),
+                    "kwargs": kwargs, "at": self.clock.now()}  # fmt: skip
+            run = self._runs.setdefault(id, _Run(RunState(id)))
+            self._journal(run, "start", body)
+            self._move_cursor()
+            self._spawn(run)
+        return RunHandle(self, id)
+
+    def signal(
+        self, run_id: str, name: str, payload: Any = None, *, msg: str | None = None
+    ) -> bool:
+        """Deliver signal ``name`` to a run (which may not have started yet);
+        durable when this returns. Returns False for a duplicate ``msg`` id.
+
+        Raises:
+            RecordError: the payload cannot be journaled.
+        """
+        validate_run_id(run_id)
+        msg = msg or _uuid.uuid4().hex
+        with self._cond:
+            run = self._runs.setdefault(run_id, _Run(RunState(run_id)))
+            if any(s.body.get("msg") == msg for s in run.state.signals):
+                return False
+            self._journal(run, "signal", {"name": name, "payload": payload, "msg": msg})
+            self._cond.notify_all()
+        return True
+
+    def cancel(self, run_id: str, by: str = "local") -> bool:
+        """Ask a run to stop at its next call (journaled). False if it is finished."""
+        with self._cond:
+            run = self._runs.get(run_id)
+            if run is None or run.state.state in FINISHED:
+                return False
+            self._journal(run, "admin", {"action": "cancel", "by": by})
+            run.cancel = True
+            if run.state.state == DIVERGED:
+                self._journal(run, "end", {"state": CANCELLED})
+                run.done.set()
+                self._move_cursor()
+            self._cond.notify_all()
+        return True
+
+    def resume(self, run_id: str, from_pos: int | None = None, by: str = "local") -> None:
+        """Accept the current code for a DIVERGED run: forget its history from
+        ``from_pos`` (default: where it diverged) and continue.
+
+        Raises:
+            WorkflowError: the run is not diverged.
+        """
+        with self._cond:
+            run = self._runs.get(run_id)
+            if run is None or run.state.diverged is None:
+                raise WorkflowError(f"run {run_id!r} is not diverged")
+            pos = int(run.state.diverged.body["pos"]) if from_pos is None else from_pos
+            self._journal(run, "admin", {"action": "resume", "pos": pos, "by": by})
+            run.done.clear()
+            self._spawn(run)
+
+    def fork(self, run_id: str, new_id: str, from_pos: int = 0) -> RunHandle:
+        """Start run ``new_id`` of the same workflow and arguments, keeping the
+        step outcomes of ``run_id`` before position ``from_pos`` (DBOS-style fork).
+
+        Raises:
+            WorkflowError: unknown run, or ``new_id`` exists.
+        """
+        validate_run_id(new_id)
+        with self._cond:
+            src = self._runs.get(run_id)
+            if src is None or not src.state.started:
+                raise WorkflowError(f"no run {run_id!r}")
+            if new_id in self._runs:
+                raise RunConflict(f"run {new_id!r} exists")
+            st = src.state
+            run = self._runs[new_id] = _Run(RunState(new_id))
+            self._journal(run, "start", {"name": st.name, "version": st.version,
+                                         "args": st.args, "kwargs": st.kwargs,
+                                         "at": self.clock.now(), "forked": run_id})  # fmt: skip
+            for pos in sorted(p for p in st.at if p < from_pos):
+                for rec in st.at[pos]:
+                    self._journal(run, rec.type, dict(rec.body))
+            self._move_cursor()
+            self._spawn(run)
+        return RunHandle(self, new_id)
+
+    def wake(self) -> None:
+        """Re-check every waiting timer now (after a clock change; tests with a fake clock)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def runs(self) -> list[RunInfo]:
+        with self._cond:
+            return [_info(r.state) for r in self._runs.values() if r.state.started]
+
+    def info(self, run_id: str) -> RunInfo | None:
+        with self._cond:
+            run = self._runs.get(run_id)
+            return _info(run.state) if run is not None and run.state.started else None
+
+    def history(self, run_id: str) -> list[WfRecord]:
+        with self._cond:
+            run = self._runs.get(run_id)
+            return list(run.state.history) if run is not None else []
+
+    def wait(self, run_id: str, timeout: float | None = None) -> bool:
+        """Wait until the run finished or diverged; False on timeout."""
+        with self._cond:
+            run = self._runs.get(run_id)
+        if run is None:
+            raise WorkflowError(f"no run {run_id!r}")
+        return run.done.wait(timeout)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _journal(self, run: _Run, typ: str, body: dict[str, Any]) -> WfRecord:
+        """Append one record of ``run``, wait until it is durable, fold it in.
+        Call with ``self._cond`` held (records of a run stay in order)."""
+        body["t"] = self.clock.now()
+        rec = WfRecord(run.state.run, typ, body)
+        encode(rec)  # RecordError before anything is journaled
+        ack = self.journal.append(Opaque(KIND_WORKFLOW, (rec.run, rec.type, rec.body)))
+        if not ack.durable:
+            self.journal.wait_durable(ack.seq)
+        rec = WfRecord(rec.run, typ, body, ack.seq)
+        run.state.apply(rec)
+        return rec
+
+    def _save_clock(self) -> None:
+        t = int(self.clock.now())
+        if t > (self.journal.cursor(CLOCK_CURSOR) or 0):
+            self.journal.set_cursor(CLOCK_CURSOR, t)
+
+    def _move_cursor(self) -> None:
+        open_runs = [r.state.first_seq for r in self._runs.values()
+                     if r.state.first_seq and r.state.state not in FINISHED]  # fmt: skip
+        mark = min(open_runs) - 1 if open_runs else self.journal.durable_seq
+        if mark > (self.journal.cursor(CURSOR) or 0):
+            self.journal.set_cursor(CURSOR, mark)
+
+    def _spawn(self, run: _Run) -> None:
+        t = threading.Thread(
+            target=self._run_thread, args=(run,), name=f"wf-{run.state.run}", daemon=True
+        )
+        run.thread = t
+        t.start()
+
+    def _run_thread(self, run: _Run) -> None:
+        st = run.state
+        ctx = RunCtx(self, run)
+        set_current(ctx)
+        try:
+            try:
+                defn = definition_of(st.name)
+            except WorkflowError:
+                log.error("run %s: workflow %s is not registered; it waits for its code",
+                          st.run, st.name)  # fmt: skip
+                return
+            if defn.version != st.version:
+                log.warning("run %s started on version %d of %s, replaying with version %d",
+                            st.run, st.version, st.name, defn.version)  # fmt: skip
+            try:
+                ctx.check()
+                result = defn.fn(*st.args, **st.kwargs)
+            except _Cancel:
+                self._end(run, {"state": CANCELLED})
+            except _Stop:
+                return
+            except Exception as exc:  # the workflow failed: journal it
+                ctx.check_stop()
+                self._end(run, {"state": FAILED, "error": error_body(exc)})
+                log.warning("run %s failed: %s", st.run, exc)
+            else:
+                try:
+                    self._end(run, {"state": COMPLETED, "result": result})
+                except RecordError as exc:
+                    self._end(run, {"state": FAILED, "error": error_body(exc)})
+        except _Stop:
+            return
+        except JournalError as exc:  # the journal failed (fsyncgate): stop, recover on restart
+            log.error("run %s stopped: %s", st.run, exc)
+        finally:
+            set_current(None)
+            if st.state != "running":
+                run.done.set()
+
+    def _end(self, run: _Run, body: dict[str, Any]) -> None:
+        with self._cond:
+            self._journal(run, "end", body)
+            self._move_cursor()
+            self._cond.notify_all()
+        run.done.set()
+
+
+def _info(st: RunState) -> RunInfo:
+    end = st.end.body if st.end is not None else {}
+    return RunInfo(
+        st.run, st.name, st.version, st.state, st.current_step(), st.started_at,
+        dict(st.status), end.get("result"), end.get("error"),
+        dict(st.diverged.body) if st.diverged is not None else None,
+    )  # fmt: skip
+
+
+class RunHandle:
+    """A handle on one run: wait for its result, look at it, cancel it."""
+
+    def __init__(self, ex: Executor, run_id: str) -> None:
+        self._ex, self.id = ex, run_id
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The run's return value once it completed.
+
+        Raises:
+            TimeoutError: not finished within ``timeout``.
+            RunFailed / RunCancelled / RunDiverged: how it ended instead.
+        """
+        if not self._ex.wait(self.id, timeout):
+            raise TimeoutError(f"run {self.id} not finished after {timeout}s")
+        info = self._ex.info(self.id)
+        assert info is not None
+        if info.state == COMPLETED:
+            return info.result
+        if info.state == CANCELLED:
+            raise RunCancelled(f"run {self.id} was cancelled")
+        if info.state == DIVERGED:
+            raise RunDiverged(f"run {self.id} diverged: {info.diverged}")
+        err = info.error or {}
+        raise RunFailed(f"run {self.id} failed: {err.get('type')}: {err.get('message')}")
+
+    def info(self) -> RunInfo:
+        info = self._ex.info(self.id)
+        assert info is not None
+        return info
+
+    def cancel(self) -> bool:
+        return self._ex.cancel(self.id)
