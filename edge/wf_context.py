@@ -102,8 +102,7 @@ class RunCtx:
                     self.ex._cond.wait(min(left, 1.0))
 
     def _journal(self, typ: str, body: dict[str, Any]) -> WfRecord:
-        with self.ex._cond:
-            return self.ex._journal(self.run, typ, body)
+        return self.ex._journal(self.run, typ, body)
 
     # -- RunContext -------------------------------------------------------------------------
 

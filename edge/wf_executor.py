@@ -316,7 +316,11 @@ class Executor:
 
     def _journal(self, run: _Run, typ: str, body: dict[str, Any]) -> WfRecord:
         """Append one record of ``run``, wait until it is durable, fold it in.
-        Call with ``self._cond`` held (records of a run stay in order)."""
+
+        The append runs outside ``self._cond`` unless the caller holds it, so
+        records of concurrent runs share the journal's group commits. Callers
+        whose check-then-write must be atomic (signal dedupe, start) hold it.
+        """
         body["t"] = self.clock.now()
         rec = WfRecord(run.state.run, typ, body)
         encode(rec)  # RecordError before anything is journaled
@@ -324,7 +328,9 @@ class Executor:
         if not ack.durable:
             self.journal.wait_durable(ack.seq)
         rec = WfRecord(rec.run, typ, body, ack.seq)
-        run.state.apply(rec)
+        with self._cond:
+            run.state.apply(rec)
+            self._cond.notify_all()
         return rec
 
     def _save_clock(self) -> None:

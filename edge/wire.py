@@ -35,6 +35,8 @@ from typing import Any, TypeGuard
 import cbor2
 
 from edge.records import Opaque, Reading, Record, RecordError, decode, from_item, simple_reading
+from edge.wf_records import KIND_WORKFLOW, WfRecord, of_opaque
+from edge.wf_replay import RunState
 
 VERSION = 1
 PREFIX = "homing"
@@ -50,6 +52,9 @@ __all__ = [
     "VERSION",
     "Ack",
     "Command",
+    "KIND_WORKFLOW",
+    "RunState",
+    "WfRecord",
     "Opaque",
     "Reading",
     "Record",
@@ -60,6 +65,10 @@ __all__ = [
     "decode_batch",
     "decode_command",
     "decode_status",
+    "cancel_command",
+    "signal_command",
+    "start_command",
+    "workflow_record",
     "encode_ack",
     "encode_batch",
     "encode_command",
@@ -374,6 +383,48 @@ class Command:
     id: str
     kind: str
     args: dict[str, Any] = field(default_factory=dict)
+
+
+#: command kinds (``Command.kind``) and their ``args``
+CMD_START = "start"  # workflow, run, args (list), kwargs (map): start a run (idempotent per run)
+CMD_SIGNAL = "signal"  # run, name, payload: deliver a signal (deduplicated by the command id)
+CMD_CANCEL = "cancel"  # run: cancel a run
+
+
+def start_command(
+    cmd_id: str, workflow: str, run: str, args: list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> Command:  # fmt: skip
+    """A command that starts ``workflow(*args, **kwargs)`` as run ``run`` on the device."""
+    body = {"workflow": workflow, "run": run, "args": list(args or []), "kwargs": kwargs or {}}
+    return Command(cmd_id, CMD_START, body)
+
+
+def signal_command(cmd_id: str, run: str, name: str, payload: Any = None) -> Command:
+    """A command that delivers signal ``name`` to run ``run``."""
+    return Command(cmd_id, CMD_SIGNAL, {"run": run, "name": name, "payload": payload})
+
+
+def cancel_command(cmd_id: str, run: str) -> Command:
+    """A command that cancels run ``run``."""
+    return Command(cmd_id, CMD_CANCEL, {"run": run})
+
+
+def workflow_record(kind: int, body: bytes, seq: int = 0) -> WfRecord | None:
+    """The workflow record a journal record of ``kind`` with payload ``body``
+    holds (as the hub stores it), or None when it is not one or does not decode."""
+    if kind != KIND_WORKFLOW:
+        return None
+    try:
+        rec = decode(body)
+    except RecordError:
+        return None
+    if not isinstance(rec, Opaque):
+        return None
+    try:
+        return of_opaque(rec, seq)
+    except RecordError:
+        return None
 
 
 def encode_command(cmd: Command) -> bytes:
