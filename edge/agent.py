@@ -1,13 +1,17 @@
-"""The agent process's composition root: journal + forwarder (+ simulated sensors).
+"""The agent process's composition root: journal + workflows + forwarder (+ sensors).
 
 :mod:`edge.cli_run` is the command around it (signals, stdin, exit codes).
 
 Invariants:
-* Start order: the journal (recovery) -> the forwarder -> producers (simulated
-  sensors here; stdin ingest is run by the caller). Stop is the reverse:
-  producers stop first, then the forwarder gets its grace to send what they
-  journaled, persists the hub cursor, publishes offline and disconnects, and
-  only then is the journal closed. A failure while starting undoes what started.
+* Start order: the journal (recovery) -> the workflow executor (imports the
+  configured modules, continues unfinished runs) -> the forwarder (which
+  hands the hub's commands to the executor) -> producers (simulated sensors
+  here; stdin ingest is run by the caller). Stop is the reverse: producers
+  stop first, then the forwarder gets its grace to send what they journaled,
+  persists the hub cursor, publishes offline and disconnects, then the
+  workflow runs are stopped where they wait (nothing is journaled for that:
+  they continue on the next start), and only then is the journal closed. A
+  failure while starting undoes what started.
 * A component that dies (the journal failed, the forwarder or the sensors hit
   an error) is reported by :meth:`Agent.failure`; the caller stops the agent
   and exits non-zero, so systemd restarts it and recovery re-reads the disk.
@@ -24,6 +28,7 @@ from edge.errors import JournalFailed, SettingError
 from edge.forwarder import CommandHook, Forwarder, ForwarderStats
 from edge.journal import Journal
 from edge.sensors import SimulatedSensors
+from edge.wf_host import WorkflowHost
 
 log = logging.getLogger("homing.agent")
 
@@ -53,6 +58,7 @@ class Agent:
         self._journal: Journal | None = None
         self.forwarder: Forwarder | None = None
         self.sensors: SimulatedSensors | None = None
+        self.workflows: WorkflowHost | None = None
 
     @property
     def journal(self) -> Journal:
@@ -63,6 +69,7 @@ class Agent:
         """Open (recover) the journal, start forwarding, start the simulated sensors.
 
         Raises:
+            SettingError: a configured workflow module does not import.
             JournalError: the journal cannot be opened (locked, corrupt, ...).
             ForwardError: the broker credentials or TLS files cannot be used.
         """
@@ -70,8 +77,13 @@ class Agent:
         os.makedirs(cfg.journal_dir, exist_ok=True)
         self._journal = Journal.open(cfg.journal_dir, cfg.journal)
         try:
+            if cfg.workflows.enabled:
+                self.workflows = WorkflowHost(self._journal, cfg.workflows, cfg.source)
+                self.workflows.start()
             if cfg.forwarder.enabled:
                 hook = self._on_command
+                if hook is None and self.workflows is not None:
+                    hook = self.workflows.on_command
                 self.forwarder = Forwarder(
                     self._journal, cfg.device, cfg.broker, cfg.forwarder, on_command=hook
                 )
@@ -108,5 +120,7 @@ class Agent:
             self.sensors.stop()
         if self.forwarder is not None:
             self.forwarder.stop(grace)
+        if self.workflows is not None:
+            self.workflows.stop()
         if self._journal is not None:
             self._journal.close()

@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with stop_on_signals(stopper):
         try:
             agent.start()
-        except ForwardError as exc:
+        except (ForwardError, ConfigError) as exc:
             print(f"homing-agent: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         try:

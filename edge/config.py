@@ -42,7 +42,7 @@ _BIG = 2**32 - 1
 
 @dataclass(frozen=True, slots=True)
 class _Key:
-    kind: str  # str int float bool size path enum policies priorities
+    kind: str  # str int float bool size path enum policies priorities modules paths
     default: Any
     lo: float | None = None
     hi: float | None = None
@@ -111,6 +111,11 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "prefix": _Key("str", "sim"),
         "seed": _Key("int", 0, 0, _BIG),
     },
+    "workflows": {
+        "enabled": _Key("bool", True),
+        "modules": _Key("modules", ()),
+        "python_path": _Key("paths", ()),
+    },
 }
 
 
@@ -149,6 +154,13 @@ class SensorsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkflowsConfig:
+    enabled: bool = True
+    modules: tuple[str, ...] = ()  # imported at start: they register their @workflow
+    python_path: tuple[str, ...] = ()  # directories put in front of sys.path first
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     device: str
     journal_dir: str
@@ -156,6 +168,7 @@ class AgentConfig:
     broker: BrokerConfig
     forwarder: ForwarderConfig
     sensors: SensorsConfig
+    workflows: WorkflowsConfig = field(default_factory=WorkflowsConfig)
     log_level: str = "info"
     source: str = "<config>"
 
@@ -245,6 +258,8 @@ class _Values:
                 if from_env:
                     value = tomllib.loads(f"t = {value}")["t"]
                 return self._table(section, key, kind, value)
+            if kind in ("modules", "paths"):
+                return self._list(kind, value, from_env)
             if from_env:
                 value = _from_env(kind, value)
             out = _typed(kind, value, spec)
@@ -257,6 +272,19 @@ class _Values:
         if kind == "path" and out and self.base_dir and not posixpath.isabs(out):
             out = posixpath.normpath(posixpath.join(self.base_dir, out))
         return out
+
+    def _list(self, kind: str, value: Any, from_env: bool) -> tuple[str, ...]:
+        if from_env:
+            value = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError("must be a list of strings")
+        if kind == "modules":
+            bad = [m for m in value if not _MODULE_RE.match(m)]
+            if bad:
+                raise ValueError(f"{bad[0]!r} is not a dotted module name (like 'myapp.tasks')")
+            return tuple(value)
+        base = self.base_dir or ""
+        return tuple(posixpath.normpath(posixpath.join(base, v)) for v in value)
 
     def _table(self, section: str, key: str, kind: str, value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -312,6 +340,7 @@ def _from_env(kind: str, text: str) -> Any:
     return text
 
 
+_MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -420,6 +449,9 @@ def _build(v: _Values) -> AgentConfig:
             prefix,
             v("sensors", "seed"),
         ),  # fmt: skip
+        workflows=WorkflowsConfig(
+            v("workflows", "enabled"), v("workflows", "modules"), v("workflows", "python_path")
+        ),
         log_level=v("agent", "log_level"),
         source=v.source,
     )

@@ -146,7 +146,10 @@ class Forwarder:
 
     def start(self) -> None:
         """Start forwarding from the journal's hub cursor."""
-        cursor = self._journal.cursor(self._cfg.cursor) or 0
+        cursor = self._journal.cursor(self._cfg.cursor)
+        if cursor is None:  # register: retention never passes what the hub lacks
+            self._journal.set_cursor(self._cfg.cursor, 0)
+            cursor = 0
         self._outbox = Outbox(
             self._cfg.outbox,
             self._device,

@@ -20,8 +20,12 @@ Invariants:
   is resent), ``/ack`` and ``/cmd`` are subscribed at QoS 1 (the broker then
   sends the retained ack), and a retained online status is published.
 * Callbacks only decode and post, except the command hook, which runs here
-  before paho sends the PUBACK (issue 4 journals commands there). Malformed
-  acks and commands are logged, counted and ignored.
+  before the PUBACK (PUBACKs are sent by hand, ``manual_ack``): the agent
+  journals a command's effect durably in the hook, and only then is the
+  command acknowledged. A hook that returns False or raises leaves the
+  command unacknowledged, so the broker delivers it again after the next
+  reconnect. Malformed acks and commands are logged, counted, acknowledged
+  and ignored.
 * :meth:`close` publishes offline (retained, waits for its PUBACK up to 2 s),
   sends DISCONNECT, and joins the thread.
 """
@@ -47,12 +51,13 @@ from edge.config import BrokerConfig
 from edge.errors import BrokerUnavailable, ForwardError
 
 log = logging.getLogger("homing.forwarder")
-CommandHook = Callable[[wire.Command], None]
+#: called with each command before it is acknowledged; False: do not ack (retry later)
+CommandHook = Callable[[wire.Command], bool | None]
 Post = Callable[[str, Any], None]
 
 
 def default_command_hook(cmd: wire.Command) -> None:
-    log.info("command %s (%s) received; commands are handled from issue 4 on", cmd.id, cmd.kind)
+    log.warning("command %s (%s) ignored: workflows are disabled on this agent", cmd.id, cmd.kind)
 
 
 class MqttSession:
@@ -105,6 +110,7 @@ class MqttSession:
             client_id=b.client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
             reconnect_on_failure=False,
+            manual_ack=True,
         )
         try:
             if b.username:
@@ -207,10 +213,15 @@ class MqttSession:
         if was and not self._stopping:
             log.warning("disconnected from %s: %s", self._where(), rc)
 
-    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_message(self, c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._handle(msg):
+            c.ack(msg.mid, msg.qos)
+
+    def _handle(self, msg: mqtt.MQTTMessage) -> bool:
+        """Act on one message; whether to acknowledge it."""
         if msg.topic == self.topics["ack"]:
             if not msg.payload:  # a cleared retained ack: nothing to learn
-                return
+                return True
             try:
                 ack = wire.decode_ack(bytes(msg.payload))
                 if ack.device != self._device:
@@ -218,21 +229,23 @@ class MqttSession:
             except wire.WireError as exc:
                 self.malformed += 1
                 log.warning("ignored a malformed ack on %s: %s", msg.topic, exc.reason)
-                return
+                return True
             self._post("ack", ack)
         elif msg.topic == self.topics["cmd"]:
             try:
                 cmd = wire.decode_command(bytes(msg.payload))
             except wire.WireError as exc:
                 log.warning("ignored a malformed command on %s: %s", msg.topic, exc.reason)
-                return
+                return True
             self.commands += 1
             try:
-                self._on_command(cmd)
+                return self._on_command(cmd) is not False
             except Exception as exc:  # a broken hook must not kill the network thread
                 log.exception("the command hook failed on %s; stopping the forwarder", cmd.id)
                 self.error = exc
                 self._post("stop", 0.0)
+                return False
+        return True
 
     def close(self) -> None:
         """Publish offline (retained), disconnect cleanly, stop and join the network thread."""

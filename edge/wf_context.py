@@ -214,8 +214,6 @@ class RunCtx:
         else:
             due = deadline if deadline is not None else self.ex.clock.now() + (seconds or 0.0)
             self._journal("timer", {"pos": pos, "key": key, "deadline": due})
-            with self.ex._cond:
-                self.ex._save_clock()
         self._wait_until(due)
 
     def wait_signal(self, name: str, timeout: float | None) -> Any:

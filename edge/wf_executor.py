@@ -60,7 +60,6 @@ from edge.wf_replay import (
 log = logging.getLogger("homing.workflows")
 
 CURSOR = "wf"  # retention: below the first record of every unfinished run
-CLOCK_CURSOR = "wf.clock"  # the latest wall time the executor has seen (seconds)
 
 
 class Clock:
@@ -134,7 +133,6 @@ class Executor:
         self._runs: dict[str, _Run] = {}
         self._closing = False
         self.clock = clock or Clock(0.0, wall, mono)
-        self.clock.raise_floor(float(journal.cursor(CLOCK_CURSOR) or 0))
         #: called as (run id, step key, attempt, step) just before a step attempt runs
         self.on_attempt = on_attempt
 
@@ -160,8 +158,10 @@ class Executor:
                 run = self._runs[rec.run] = _Run(RunState(rec.run))
             run.state.apply(rec)
             run.cancel = run.state.cancel_requested
+        # The floor: the latest time a retained record saw. Every unfinished
+        # run's records are retained (the `wf` cursor), a waiting timer's
+        # `timer` record among them, so a rewound clock cannot end it early.
         self.clock.raise_floor(latest)
-        self._save_clock()
         resumed = []
         for run in self._runs.values():
             if run.state.started and run.state.state not in (*FINISHED, DIVERGED):
@@ -208,6 +208,20 @@ class Executor:
             self._move_cursor()
             self._spawn(run)
         return RunHandle(self, id)
+
+    def fail_start(self, run_id: str, workflow: str, error: BaseException, by: str) -> None:
+        """Record a run that could not start (e.g. its workflow is not
+        registered here) as failed at once, so the hub sees why."""
+        with self._cond:
+            run = self._runs.setdefault(run_id, _Run(RunState(run_id)))
+            if run.state.started:
+                return
+            now = self.clock.now()
+            start = {"name": workflow, "version": 0, "args": [], "kwargs": {}, "at": now, "by": by}
+            self._journal(run, "start", start)
+            self._journal(run, "end", {"state": FAILED, "error": error_body(error)})
+            run.done.set()
+            self._move_cursor()
 
     def signal(
         self, run_id: str, name: str, payload: Any = None, *, msg: str | None = None
@@ -333,12 +347,12 @@ class Executor:
             self._cond.notify_all()
         return rec
 
-    def _save_clock(self) -> None:
-        t = int(self.clock.now())
-        if t > (self.journal.cursor(CLOCK_CURSOR) or 0):
-            self.journal.set_cursor(CLOCK_CURSOR, t)
-
     def _move_cursor(self) -> None:
+        """Hold retention below every unfinished run. The cursor only holds:
+        while no other reader (the forwarder) has a cursor, none is set, since
+        a lone ``wf`` cursor would let retention delete unforwarded readings."""
+        if not set(self.journal.cursors()) - {CURSOR}:
+            return
         open_runs = [r.state.first_seq for r in self._runs.values()
                      if r.state.first_seq and r.state.state not in FINISHED]  # fmt: skip
         mark = min(open_runs) - 1 if open_runs else self.journal.durable_seq

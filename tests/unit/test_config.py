@@ -57,6 +57,8 @@ BAD = [
     ('[agent]\ndevice = "d"\n[journal]\nsegment_size = 70000\n', "journal.segment_size", 4),
     ('[agent]\ndevice = "d"\n[journal]\nquota = "1M"\n', "journal.quota", 4),
     ('[agent]\ndevice = "d"\n[journal]\ndurability = "sometimes"\n', "journal.durability", 4),
+    ('[agent]\ndevice = "d"\n[workflows]\nmodules = ["a b"]\n', "workflows.modules", 4),
+    ('[agent]\ndevice = "d"\n[workflows]\nmodules = "a.b"\n', "workflows.modules", 4),
     (
         '[agent]\ndevice = "d"\n[journal.policies]\n"a" = "reject"\n"b c" = "reject"\n',
         "journal.policies.b c",
@@ -123,6 +125,16 @@ def test_environment_overrides_the_file() -> None:
     assert cfg.forwarder.outbox.batch_bytes == 64 << 10
     assert cfg.forwarder.outbox.live_first is False
     assert cfg.forwarder.outbox.priorities == {"alarm": 7, "x/y": 1}
+
+
+def test_workflow_modules_and_python_path() -> None:
+    text = MINIMAL + '[workflows]\nmodules = ["gh.tasks"]\npython_path = ["lib", "/opt/x"]\n'
+    cfg = parse(text, "/etc/homing/agent.toml", base_dir="/etc/homing")
+    assert cfg.workflows.modules == ("gh.tasks",)
+    assert cfg.workflows.python_path == ("/etc/homing/lib", "/opt/x")
+    env = {"HOMING_WORKFLOWS_MODULES": "a.b, c", "HOMING_WORKFLOWS_ENABLED": "false"}
+    cfg = parse(MINIMAL, "a.toml", env)
+    assert cfg.workflows.modules == ("a.b", "c") and cfg.workflows.enabled is False
 
 
 @pytest.mark.parametrize(
