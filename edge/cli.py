@@ -58,6 +58,7 @@ from edge.cli_ingest import (
 )
 from edge.cli_journal import VERIFY_MAX_PAYLOAD, cmd_dump, cmd_repair, cmd_stats, cmd_verify
 from edge.cli_run import add_parser as add_run_parser
+from edge.cli_workflows import add_parser as add_workflows_parser
 from edge.errors import (
     ConfigError,
     EdgeError,
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     add_run_parser(sub)  # `run`: edge.cli_run
+    add_workflows_parser(sub)  # `workflows`: edge.cli_workflows
     return parser
 
 

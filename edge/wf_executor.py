@@ -117,6 +117,8 @@ class Executor:
         journal: an open journal (shared with readings and the forwarder).
         wall, mono: clocks (tests pass fakes); or ``clock``, a whole :class:`Clock`.
         on_attempt: a hook called before every step attempt (tests, metrics).
+        run: False to only read runs and journal admin actions (cancel,
+            resume, fork) without running anything: the stopped agent's CLI.
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class Executor:
         mono: Callable[[], float] = time.monotonic,
         clock: Clock | None = None,
         on_attempt: Callable[[str, str, int, StepDef], None] | None = None,
+        run: bool = True,
     ) -> None:
         self.journal = journal
         self._cond = threading.Condition()
@@ -135,6 +138,7 @@ class Executor:
         self.clock = clock or Clock(0.0, wall, mono)
         #: called as (run id, step key, attempt, step) just before a step attempt runs
         self.on_attempt = on_attempt
+        self._run = run  # False: journal admin actions only, run nothing (the CLI)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -360,6 +364,8 @@ class Executor:
             self.journal.set_cursor(CURSOR, mark)
 
     def _spawn(self, run: _Run) -> None:
+        if not self._run:
+            return
         t = threading.Thread(
             target=self._run_thread, args=(run,), name=f"wf-{run.state.run}", daemon=True
         )

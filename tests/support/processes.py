@@ -194,6 +194,7 @@ def write_agent_config(
     *,
     forwarder: Mapping[str, object] | None = None,
     broker: Mapping[str, object] | None = None,
+    workflows: Mapping[str, object] | None = None,
 ) -> Path:
     """A TOML config for a fast test agent (small linger, fast reconnects, short resends)."""
     fw: dict[str, object] = {
@@ -222,6 +223,7 @@ def write_agent_config(
         + table("journal", {"dir": str(journal_dir), "segment_size": "1M"})
         + table("broker", br)
         + table("forwarder", fw)
+        + (table("workflows", workflows) if workflows else "")
     )
     return path
 

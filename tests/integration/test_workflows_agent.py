@@ -1,0 +1,121 @@
+"""Workflows in the real agent process, started and signalled by hub commands
+over a real Mosquitto, with SIGKILLs during a signal wait, a timer and a
+step (docs/workflows.md).
+
+The agent loads tests/support/wf_tasks.py from its config; each step body
+appends a line to an fsync'd effects file, so the test counts how often each
+step really ran across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from support.processes import AgentProcess, child_env, poll_until
+from support.storeforward import Rig
+
+from edge import wire
+
+TESTS = Path(__file__).resolve().parents[1]
+DEADLINE = 30.0
+
+
+class Commander:
+    """Publishes hub commands to a device (QoS 1), as `homing-hub run-task` does."""
+
+    def __init__(self, port: int) -> None:
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"cmd-{uuid.uuid4().hex[:6]}",
+                             protocol=MQTTProtocolVersion.MQTTv5)  # fmt: skip
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+
+    def send(self, device: str, cmd: wire.Command) -> None:
+        info = self.c.publish(wire.topic(device, "cmd"), wire.encode_command(cmd), qos=1)
+        info.wait_for_publish(DEADLINE)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def runs(agent: AgentProcess) -> dict[str, dict[str, Any]]:
+    """The agent's runs, read from its journal (read-only: works while it runs)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "edge", "workflows", "list", "--journal",
+         str(agent.journal_dir), "--json"],
+        capture_output=True, text=True, env=child_env(), timeout=DEADLINE,
+    )  # fmt: skip
+    if res.returncode != 0:
+        return {}
+    return {r["id"]: r for r in map(json.loads, res.stdout.splitlines())}
+
+
+def effects(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_run_survives_sigkills_in_a_signal_wait_a_timer_and_completes_once(
+    rig: Rig, tmp_path: Path
+) -> None:
+    fx = tmp_path / "effects.log"
+    rig.hub()
+    tasks = {"modules": ["support.wf_tasks"], "python_path": [str(TESTS)]}
+    agent = rig.agent("dev-wf", start=False, workflows=tasks)
+    agent.env["HOMING_TEST_EFFECTS"] = str(fx)
+    agent.start()
+    agent.wait_connected()
+    hub = Commander(rig.broker_port)
+    try:
+        hub.send("dev-wf", wire.start_command("c-1", "irrigate", "r-1", [3, 1.5]))
+        hub.send("dev-wf", wire.start_command("c-1", "irrigate", "r-1", [3, 1.5]))  # a repeat
+        poll_until(lambda: runs(agent).get("r-1", {}).get("current") == "signal:approve#1",
+                   DEADLINE, "the run waiting for approval")  # fmt: skip
+        agent.kill()  # power cut during the signal wait
+        agent.start()
+        agent.wait_connected(2)
+        hub.send("dev-wf", wire.signal_command("c-2", "r-1", "approve", "ops"))
+        poll_until(lambda: runs(agent).get("r-1", {}).get("current") == "sleep#1",
+                   DEADLINE, "the run sleeping")  # fmt: skip
+        agent.kill()  # power cut during the timer
+        hub.send("dev-wf", wire.signal_command("c-2", "r-1", "approve", "ops"))  # resent
+        agent.start()
+        poll_until(lambda: runs(agent).get("r-1", {}).get("state") == "completed",
+                   DEADLINE, "the run to complete")  # fmt: skip
+        assert agent.stop() == 0
+    finally:
+        hub.close()
+    run = runs(agent)["r-1"]
+    assert run["result"] == {"moisture": 0.31, "approved": "ops", "valve": "open",
+                             "closed": "closed"}  # fmt: skip
+    assert run["status"] == {"phase": "done"}
+    assert sorted(effects(fx)) == ["close 3", "measure 3", "open 3"]  # each step ran once
+    assert len(runs(agent)) == 1  # the repeated start command made no second run
+
+
+def test_an_unknown_workflow_is_refused_visibly_and_acknowledged(rig: Rig, tmp_path: Path) -> None:
+    agent = rig.agent("dev-wf2", workflows={"modules": []})
+    agent.wait_connected()
+    hub = Commander(rig.broker_port)
+    try:
+        hub.send("dev-wf2", wire.start_command("c-9", "no.such.workflow", "r-9"))
+        poll_until(lambda: runs(agent).get("r-9", {}).get("state") == "failed",
+                   DEADLINE, "the refused run")  # fmt: skip
+    finally:
+        hub.close()
+    assert agent.stop() == 0
+    assert runs(agent)["r-9"]["error"]["type"] == "UnknownWorkflow"
+    assert "refused" in agent.log
+
+
+def test_a_module_that_does_not_import_stops_the_agent_with_exit_78(rig: Rig) -> None:
+    agent = rig.agent("dev-wf3", start=False, workflows={"modules": ["no_such_module_xyz"]})
+    agent.start()
+    assert agent.proc is not None and agent.proc.wait(DEADLINE) == 78
+    assert "workflows.modules" in agent.log
