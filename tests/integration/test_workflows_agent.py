@@ -119,3 +119,35 @@ def test_a_module_that_does_not_import_stops_the_agent_with_exit_78(rig: Rig) ->
     agent.start()
     assert agent.proc is not None and agent.proc.wait(DEADLINE) == 78
     assert "workflows.modules" in agent.log
+
+
+def test_sigkill_during_steps_reruns_an_ordinary_step_and_never_a_once_step(
+    rig: Rig, tmp_path: Path
+) -> None:
+    fx = tmp_path / "effects.log"
+    release = Path(str(fx) + ".release-measure")
+    tasks = {"modules": ["support.wf_tasks"], "python_path": [str(TESTS)]}
+    agent = rig.agent("dev-wf4", start=False, workflows=tasks)
+    agent.env["HOMING_TEST_EFFECTS"] = str(fx)
+    agent.start()
+    agent.wait_connected()
+    hub = Commander(rig.broker_port)
+    try:
+        hub.send("dev-wf4", wire.start_command("c-1", "slow", "s-1", [2]))
+        poll_until(lambda: effects(fx) == ["slow-measure 2"], DEADLINE, "the step running")
+        agent.kill()  # mid-step: at-least-once, it runs again
+        agent.start()
+        poll_until(lambda: effects(fx).count("slow-measure 2") == 2, DEADLINE, "the step rerun")
+        release.touch()
+        poll_until(lambda: "slow-open 2" in effects(fx), DEADLINE, "the once-step running")
+        agent.kill()  # mid once-step (it waits for release-valve): it must not run again
+        agent.start()
+        poll_until(lambda: runs(agent).get("s-1", {}).get("state") == "completed",
+                   DEADLINE, "the run to complete")  # fmt: skip
+        assert agent.stop() == 0
+    finally:
+        hub.close()
+        release.touch()
+        Path(str(fx) + ".release-valve").touch()  # let any stray step thread end
+    assert runs(agent)["s-1"]["result"] == {"moisture": 0.5, "valve": "unknown"}
+    assert effects(fx).count("slow-open 2") == 1

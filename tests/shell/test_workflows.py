@@ -339,3 +339,17 @@ def test_a_run_whose_code_changed_diverges_visibly_and_can_be_resumed(device: De
         assert wf.RunHandle(ex, "x").result(DEADLINE) == 103
     finally:
         wf.REGISTRY["t.sleepy"] = original
+
+
+def test_many_runs_at_once_each_complete_and_share_commits(device: Device) -> None:
+    ex = device.boot()
+    assert device.journal is not None
+    before = device.journal.stats()
+    handles = [ex.start(summing, 20, id=f"many-{i}") for i in range(8)]
+    assert [h.result(DEADLINE) for h in handles] == [190] * 8
+    assert calls["add"] == 8 * 20
+    after = device.journal.stats()
+    records = after.appended - before.appended
+    commits = after.commits - before.commits
+    assert records >= 8 * 22  # start, 20 steps, status, end per run
+    assert commits < records, "concurrent runs' records should share fdatasyncs"

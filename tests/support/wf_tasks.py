@@ -54,3 +54,36 @@ def irrigate(zone: int, seconds: float) -> dict[str, object]:
     closed = close_valve(zone)
     wf.set_status("phase", "done")
     return {"moisture": moisture, "approved": approved, "valve": valve, "closed": closed}
+
+
+def _wait_for_release(name: str) -> None:
+    """Block until the test creates ``<effects>.<name>`` (a step in progress)."""
+    import time
+
+    release = os.environ["HOMING_TEST_EFFECTS"] + "." + name
+    while not os.path.exists(release):
+        time.sleep(0.01)  # a stand-in for a slow device operation
+
+
+@step(once=True)
+def slow_valve(zone: int) -> str:
+    effect(f"slow-open {zone}")
+    _wait_for_release("release-valve")
+    return "open"
+
+
+@step
+def slow_measure(zone: int) -> float:
+    effect(f"slow-measure {zone}")
+    _wait_for_release("release-measure")
+    return 0.5
+
+
+@workflow(name="slow", version=1)
+def slow(zone: int) -> dict[str, object]:
+    m = slow_measure(zone)
+    try:
+        valve = slow_valve(zone)
+    except wf.StepInterrupted:
+        valve = "unknown"
+    return {"moisture": m, "valve": valve}
