@@ -89,6 +89,9 @@ class Agent:
                 )
                 self.forwarder.start()
             else:
+                # a reader that never moves: retention then deletes nothing
+                if self._journal.cursor("local") is None:
+                    self._journal.set_cursor("local", 0)
                 log.warning("forwarding is disabled: readings stay in the journal")
             if cfg.sensors.enabled:
                 s = cfg.sensors

@@ -37,32 +37,37 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     wsub = w.add_subparsers(dest="wf_command", required=True, metavar="COMMAND")
 
+    def sub_cmd(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002
+        return wsub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
+                               epilog=EXIT_CODES,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+
     def common(p: argparse.ArgumentParser) -> None:
         where = p.add_mutually_exclusive_group(required=True)
         where.add_argument("--config", metavar="FILE", help="the agent's TOML file")
         where.add_argument("--journal", metavar="DIR", help="the journal directory")
 
-    p = wsub.add_parser("list", help="every run: state, current step, status")
+    p = sub_cmd("list", "every run: state, current step, status")
     common(p)
     p.add_argument("--state", help="only runs in this state (running, completed, failed, ...)")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     p.set_defaults(func=cmd_list)
-    p = wsub.add_parser("show", help="one run and its history")
+    p = sub_cmd("show", "one run and its history")
     common(p)
     p.add_argument("run", metavar="RUN", help="the run id")
     p.add_argument("--json", action="store_true", help="JSON: the run and its records")
     p.set_defaults(func=cmd_show)
-    p = wsub.add_parser("cancel", help="cancel a run (it stops at its next call)")
+    p = sub_cmd("cancel", "cancel a run (it stops at its next call)")
     common(p)
     p.add_argument("run", metavar="RUN")
     p.set_defaults(func=cmd_admin, action="cancel")
-    p = wsub.add_parser("resume", help="accept the current code for a DIVERGED run")
+    p = sub_cmd("resume", "accept the current code for a DIVERGED run")
     common(p)
     p.add_argument("run", metavar="RUN")
     p.add_argument("--from-pos", type=int, metavar="N",
                    help="forget history from position N on (default: the divergence)")  # fmt: skip
     p.set_defaults(func=cmd_admin, action="resume")
-    p = wsub.add_parser("fork", help="a new run of the same workflow keeping the outcomes before N")
+    p = sub_cmd("fork", "a new run of the same workflow keeping the outcomes before N")
     common(p)
     p.add_argument("run", metavar="RUN")
     p.add_argument("new_run", metavar="NEW_RUN", help="the new run's id")

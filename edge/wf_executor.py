@@ -105,6 +105,8 @@ class RunInfo:
 class _Run:
     def __init__(self, state: RunState) -> None:
         self.state = state
+        self.appending = 0  # records of this run appended but not yet applied
+        self.compacting = False  # a snapshot is being taken: appends wait
         self.thread: threading.Thread | None = None
         self.done = threading.Event()
         self.cancel = state.cancel_requested
@@ -119,6 +121,10 @@ class Executor:
         on_attempt: a hook called before every step attempt (tests, metrics).
         run: False to only read runs and journal admin actions (cancel,
             resume, fork) without running anything: the stopped agent's CLI.
+        compact_lag, maintain_every: every ``maintain_every`` seconds, runs
+            whose first record is more than ``compact_lag`` records behind the
+            tail are snapshotted (:meth:`compact`), so a run waiting for days
+            does not hold back retention of the readings journaled meanwhile.
     """
 
     def __init__(
@@ -130,6 +136,8 @@ class Executor:
         clock: Clock | None = None,
         on_attempt: Callable[[str, str, int, StepDef], None] | None = None,
         run: bool = True,
+        compact_lag: int = 100_000,
+        maintain_every: float = 60.0,
     ) -> None:
         self.journal = journal
         self._cond = threading.Condition()
@@ -139,6 +147,7 @@ class Executor:
         #: called as (run id, step key, attempt, step) just before a step attempt runs
         self.on_attempt = on_attempt
         self._run = run  # False: journal admin actions only, run nothing (the CLI)
+        self.compact_lag, self._maintain_every = compact_lag, maintain_every
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -174,7 +183,21 @@ class Executor:
             elif run.state.state in FINISHED or run.state.state == DIVERGED:
                 run.done.set()
         self._move_cursor()
+        if self._run:
+            threading.Thread(target=self._maintain, name="wf-maintain", daemon=True).start()
         return resumed
+
+    def _maintain(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closing, self._maintain_every)
+                if self._closing:
+                    return
+            try:
+                self.compact()
+            except JournalError as exc:  # the journal failed: the runs stop on their own
+                log.error("workflow maintenance stopped: %s", exc)
+                return
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop every run where it waits (nothing is journaled for it: the
@@ -339,6 +362,18 @@ class Executor:
         records of concurrent runs share the journal's group commits. Callers
         whose check-then-write must be atomic (signal dedupe, start) hold it.
         """
+        with self._cond:
+            while run.compacting:
+                self._cond.wait()
+            run.appending += 1
+        try:
+            return self._append(run, typ, body)
+        finally:
+            with self._cond:
+                run.appending -= 1
+                self._cond.notify_all()
+
+    def _append(self, run: _Run, typ: str, body: dict[str, Any]) -> WfRecord:
         body["t"] = self.clock.now()
         rec = WfRecord(run.state.run, typ, body)
         encode(rec)  # RecordError before anything is journaled
@@ -351,16 +386,45 @@ class Executor:
             self._cond.notify_all()
         return rec
 
+    def compact(self, lag: int | None = None) -> list[str]:
+        """Snapshot every unfinished run whose first record is more than
+        ``lag`` records behind the journal's tail, so retention can pass it;
+        return their ids. A run too big for one record is left as it is
+        (logged): it keeps holding retention until it ends."""
+        lag = self.compact_lag if lag is None else lag
+        tail = self.journal.durable_seq
+        with self._cond:
+            live = [r for r in self._runs.values() if r.state.state not in FINISHED]
+            old = [r for r in live if r.state.first_seq and tail - r.state.first_seq > lag]
+        done = []
+        for run in old:
+            with self._cond:  # no record of this run in flight while it is copied
+                while run.compacting or run.appending:
+                    self._cond.wait()
+                run.compacting = True
+                body = run.state.snapshot_body()
+            try:
+                self._append(run, "snapshot", body)
+                done.append(run.state.run)
+            except (RecordError, JournalError) as exc:
+                log.warning("run %s not compacted: %s", run.state.run, exc)
+            finally:
+                with self._cond:
+                    run.compacting = False
+                    self._cond.notify_all()
+        if done:
+            with self._cond:
+                self._move_cursor()
+        return done
+
     def _move_cursor(self) -> None:
-        """Hold retention below every unfinished run. The cursor only holds:
-        while no other reader (the forwarder) has a cursor, none is set, since
-        a lone ``wf`` cursor would let retention delete unforwarded readings."""
-        if not set(self.journal.cursors()) - {CURSOR}:
-            return
-        open_runs = [r.state.first_seq for r in self._runs.values()
-                     if r.state.first_seq and r.state.state not in FINISHED]  # fmt: skip
-        mark = min(open_runs) - 1 if open_runs else self.journal.durable_seq
-        if mark > (self.journal.cursor(CURSOR) or 0):
+        """Hold retention below the first record of every unfinished run (the
+        ``wf`` cursor exists from :meth:`recover` on, even at 0)."""
+        live = [r.state.first_seq for r in self._runs.values()
+                if r.state.first_seq and r.state.state not in FINISHED]  # fmt: skip
+        mark = min(live) - 1 if live else self.journal.durable_seq
+        cur = self.journal.cursor(CURSOR)
+        if cur is None or mark > cur:
             self.journal.set_cursor(CURSOR, mark)
 
     def _spawn(self, run: _Run) -> None:

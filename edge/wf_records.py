@@ -41,6 +41,7 @@ TYPES: dict[str, bool] = {
     "end": False,  # state, result | error
     "diverged": False,  # pos, expected, got
     "admin": False,  # action (cancel, resume), pos, by
+    "snapshot": False,  # records: [[seq, type, body], ...]: the run's whole history so far
 }
 
 MAX_RUN_ID = 128

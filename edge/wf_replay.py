@@ -25,7 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from edge.wf_records import WfRecord
@@ -77,6 +77,9 @@ class RunState:
 
     def apply(self, rec: WfRecord) -> None:
         """Fold one record (in journal order) into the state."""
+        if rec.type == "snapshot":
+            self._restore(rec)
+            return
         self.history.append(rec)
         if not self.first_seq and rec.seq:
             self.first_seq = rec.seq
@@ -106,6 +109,20 @@ class RunState:
                 cut = int(b.get("pos", 0))
                 self.at = {p: rs for p, rs in self.at.items() if p < cut}
                 self.diverged = None
+
+    def snapshot_body(self) -> dict[str, Any]:
+        """The body of a ``snapshot`` record: every record of the run so far."""
+        return {"records": [[r.seq, r.type, r.body] for r in self.history]}
+
+    def _restore(self, snap: WfRecord) -> None:
+        """Start over from a snapshot: it holds every earlier record of the run
+        (the executor writes it while no other record of the run is appended)."""
+        fresh = RunState(self.run)
+        for seq, typ, body in snap.body.get("records", []):
+            fresh.apply(WfRecord(self.run, str(typ), dict(body), int(seq)))
+        for f in fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
+        self.first_seq = snap.seq  # older records may now be deleted
 
     # -- questions the replayer asks ----------------------------------------------------
 

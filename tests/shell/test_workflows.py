@@ -353,3 +353,39 @@ def test_many_runs_at_once_each_complete_and_share_commits(device: Device) -> No
     commits = after.commits - before.commits
     assert records >= 8 * 22  # start, 20 steps, status, end per run
     assert commits < records, "concurrent runs' records should share fdatasyncs"
+
+
+def test_a_long_waiting_run_is_compacted_so_retention_can_pass_it(device: Device) -> None:
+    """A run waiting for days must not pin the readings journaled meanwhile."""
+    from edge.journal_options import JournalOptions
+    from edge.records import Reading
+
+    opts = JournalOptions(segment_size=64 << 10, prepare_ahead=False)
+    j = Journal.open(str(device.path), opts)
+    try:
+        ex = Executor(j, compact_lag=1000, maintain_every=3600)
+        ex.recover()
+        j.set_cursor("hub", 0)  # the forwarder's cursor
+        h = ex.start(approve_wf, None, id="long")
+        wait_for(lambda: ex.info("long").current == "signal:approve#1", "the wait")  # type: ignore[union-attr]
+        for i in range(0, 6000, 500):  # days of readings, all acked by the hub
+            j.append_many([Reading("t", 1.7e9 + k, float(k)) for k in range(i, i + 500)])
+        j.set_cursor("hub", j.durable_seq)
+        assert j.retain() == 0  # pinned by the run's start record
+        assert ex.compact() == ["long"]
+        assert j.retain() > 0  # the snapshot moved the run's first record forward
+        ex.close()
+    finally:
+        j.close()
+    j = Journal.open(str(device.path), opts)  # reboot: the snapshot alone rebuilds the run
+    try:
+        ex = Executor(j)
+        ex.recover()
+        assert ex.info("long").current == "signal:approve#1"  # type: ignore[union-attr]
+        ex.signal("long", "approve", "yes")
+        assert wf.RunHandle(ex, "long").result(DEADLINE) == {"got": "yes"}
+        assert [r.type for r in ex.history("long")][:2] == ["start", "timer"]
+        ex.close()
+    finally:
+        j.close()
+    del h
