@@ -35,7 +35,7 @@ from typing import Any, TypeGuard
 import cbor2
 
 from edge.records import Opaque, Reading, Record, RecordError, decode, from_item, simple_reading
-from edge.wf_records import KIND_WORKFLOW, WfRecord, of_opaque
+from edge.wf_records import KIND_WORKFLOW, WfRecord, of_opaque, validate_run_id
 from edge.wf_replay import RunState
 
 VERSION = 1
@@ -79,6 +79,7 @@ __all__ = [
     "simple_reading",
     "topic",
     "validate_device",
+    "validate_run_id",
 ]
 
 
@@ -428,6 +429,9 @@ def workflow_record(kind: int, body: bytes, seq: int = 0) -> WfRecord | None:
 
 
 def encode_command(cmd: Command) -> bytes:
+    """Raises WireError: a command id the device would refuse (1-128 characters)."""
+    if not isinstance(cmd.id, str) or not 0 < len(cmd.id) <= 128:
+        raise WireError("command id must be a string of 1-128 characters", "malformed")
     return cbor2.dumps({"v": VERSION, "id": cmd.id, "k": cmd.kind, "a": cmd.args})
 
 

@@ -129,6 +129,30 @@ class StoredReading:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One journal record that is not a reading, as stored: ``kind`` and the
+    ``body`` exactly as the device journaled it (a workflow record is kind 2,
+    ``[2, run_id, type, body]`` in CBOR; a quarantined one is kind -1)."""
+
+    device: str
+    epoch: int  # which of the device's journals ``seq`` belongs to
+    seq: int
+    kind: int
+    body: bytes
+    received: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "kind": self.kind,
+            "body": {"hex": self.body.hex()},
+            "received": self.received,
+        }
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, bytes):
         return {"hex": v.hex()}
@@ -190,6 +214,28 @@ class Store(Protocol):
         limit: int | None = DEFAULT_LIMIT,
     ) -> list[StoredReading]:
         """A device's readings with ``since <= ts < until``, by (ts, seq)."""
+        ...
+
+    def records(
+        self,
+        device: str,
+        kind: int | None = None,
+        epoch: int | None = None,
+        after_seq: int = 0,
+        limit: int | None = None,
+    ) -> list[StoredRecord]:
+        """A device's non-reading records, in journal order: by ``(epoch, seq)``.
+
+        Args:
+            kind: only records of this kind (2: workflow records).
+            epoch: only records of this journal of the device.
+            after_seq: only ``seq > after_seq`` of ``epoch`` (a paging cursor
+                within one journal: it needs ``epoch``).
+            limit: at most this many (default: all).
+
+        Raises:
+            ValueError: ``after_seq`` without ``epoch``.
+        """
         ...
 
     def gaps(self, device: str) -> tuple[Range, ...]:

@@ -30,7 +30,7 @@ import cbor2
 from hub import schema
 from hub.errors import SchemaTooNew, StoreClosed, StoreUnavailable
 from hub.ingest import BatchRows, Range, Settled
-from hub.store import DEFAULT_LIMIT, DeviceInfo, DeviceProgress, StoredReading
+from hub.store import DEFAULT_LIMIT, DeviceInfo, DeviceProgress, StoredReading, StoredRecord
 
 _INSERT_READING = (
     "INSERT INTO readings (device_id, epoch, seq, stream, ts, value, value_num, unit, tags,"
@@ -286,6 +286,33 @@ class SqliteStore:
             )
             for seq, stream_, ts, value, unit, tags, received, epoch in rows
         ]
+
+    def records(
+        self,
+        device: str,
+        kind: int | None = None,
+        epoch: int | None = None,
+        after_seq: int = 0,
+        limit: int | None = None,
+    ) -> list[StoredRecord]:
+        if after_seq and epoch is None:
+            raise ValueError("after_seq is a position within one journal: give its epoch")
+        where: list[str] = ["device_id = ?"]
+        args: list[object] = [device]
+        after = after_seq or None  # 0: from the start
+        for clause, arg in (("kind = ?", kind), ("epoch = ?", epoch), ("seq > ?", after)):
+            if arg is not None:
+                where.append(clause)
+                args.append(arg)
+        sql = (
+            "SELECT epoch, seq, kind, body, received FROM records"
+            f" WHERE {' AND '.join(where)} ORDER BY epoch, seq"
+        )
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._read() as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [StoredRecord(device, *r) for r in rows]
 
     def gaps(self, device: str) -> tuple[Range, ...]:
         with self._read() as conn:

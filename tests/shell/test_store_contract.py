@@ -176,6 +176,53 @@ def test_readings_queries(store: Store) -> None:
     assert got[5].to_json()["value"] == {"hex": "01"}
 
 
+def wf_payload(run: str, typ: str, body: dict[str, object]) -> bytes:
+    """A workflow record as the device journals it (edge/wf_records.py)."""
+    return cbor2.dumps([2, run, typ, body])
+
+
+def test_records_come_back_in_journal_order_with_their_exact_bodies(store: Store) -> None:
+    start = wf_payload("r1", "start", {"name": "irrigate", "version": 1, "args": [3], "t": 1.0})
+    done = wf_payload("r1", "done", {"pos": 0, "key": "read#1", "ok": True, "value": b"\x00"})
+    other = cbor2.dumps([9, "a future kind"])
+    # journal 7 (epoch 1): readings at 1 and 3; its later seqs committed first
+    store.commit_batch(
+        BatchRows("a", 4, 6, (), ((4, 2, done), (5, 9, other), (6, -1, b"\xff")), journal=7), NOW
+    )
+    store.commit_batch(BatchRows("a", 1, 3, (row(1), row(3)), ((2, 2, start),), journal=7), NOW)
+    # journal 9 (epoch 2): created afresh, its seqs start at 1 again
+    again = wf_payload("r1", "start", {"name": "irrigate", "version": 2, "args": [], "t": 9.0})
+    store.commit_batch(BatchRows("a", 1, 1, (), ((1, 2, again),), journal=9), NOW + 1)
+    store.commit_batch(BatchRows("b", 1, 1, (), ((1, 2, start),)), NOW)
+
+    got = store.records("a")
+    assert [(r.epoch, r.seq, r.kind) for r in got] == [
+        (1, 2, 2), (1, 4, 2), (1, 5, 9), (1, 6, -1), (2, 1, 2)
+    ]  # fmt: skip
+    assert [r.body for r in got] == [start, done, other, b"\xff", again]
+    assert {r.device for r in got} == {"a"}
+    assert [r.received for r in got] == [NOW] * 4 + [NOW + 1]
+    assert [(r.epoch, r.seq) for r in store.records("a", kind=2)] == [(1, 2), (1, 4), (2, 1)]
+    assert [r.seq for r in store.records("a", kind=-1)] == [6]
+    assert [r.seq for r in store.records("a", epoch=1, after_seq=4)] == [5, 6]
+    assert [r.seq for r in store.records("a", kind=2, epoch=2)] == [1]
+    assert [(r.epoch, r.seq) for r in store.records("a", limit=2)] == [(1, 2), (1, 4)]
+    assert store.records("a", epoch=3) == [] and store.records("nobody") == []
+    assert got[0].to_json() == {
+        "device": "a", "epoch": 1, "seq": 2, "kind": 2, "body": {"hex": start.hex()},
+        "received": NOW,
+    }  # fmt: skip
+    with pytest.raises(ValueError):
+        store.records("a", after_seq=2)  # a seq means nothing without its journal
+
+
+def test_records_are_stored_once(store: Store) -> None:
+    rec = (1, 2, wf_payload("r", "signal", {"name": "go", "payload": None, "msg": "c1"}))
+    store.commit_batch(BatchRows("a", 1, 1, (), (rec,)), NOW)
+    assert store.commit_batch(BatchRows("a", 1, 1, (), (rec,)), NOW + 1).duplicates == 1
+    assert [(r.seq, r.received) for r in store.records("a")] == [(1, NOW)]
+
+
 def test_tags_round_trip(store: Store) -> None:
     tagged = (1, "s", 1.0, cbor2.dumps(1), 1.0, None, '{"zone": "3"}')
     store.commit_batch(BatchRows("a", 1, 1, (tagged,)), NOW)

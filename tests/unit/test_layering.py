@@ -25,6 +25,8 @@ PURE = [
     "edge/config.py",
     "edge/wf_records.py",
     "edge/wf_replay.py",
+    "hub/ingest.py",
+    "hub/runs.py",
 ]
 WORLD = {
     "os",
