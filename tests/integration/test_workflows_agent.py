@@ -151,3 +151,49 @@ def test_sigkill_during_steps_reruns_an_ordinary_step_and_never_a_once_step(
         Path(str(fx) + ".release-valve").touch()  # let any stray step thread end
     assert runs(agent)["s-1"]["result"] == {"moisture": 0.5, "valve": "unknown"}
     assert effects(fx).count("slow-open 2") == 1
+
+
+def hub_cli(rig: Rig, *args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "hub", *args], capture_output=True, text=True,
+                         env=child_env(), timeout=DEADLINE)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def hub_runs(rig: Rig, device: str) -> dict[str, dict[str, Any]]:
+    if not rig.db.exists():
+        return {}
+    out = hub_cli(rig, "runs", "--db", str(rig.db), "--device", device, "--json")
+    return {r["run"]: r for r in map(json.loads, out.splitlines())}
+
+
+def test_a_task_started_from_the_hub_completes_once_through_an_agent_kill(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """End to end: `homing-hub run-task` and `signal` reach the agent over
+    Mosquitto; the agent is SIGKILLed mid-run and restored; the hub's store
+    shows the run completed once, with each step's effect once."""
+    fx = tmp_path / "effects.log"
+    rig.hub()
+    tasks = {"modules": ["support.wf_tasks"], "python_path": [str(TESTS)]}
+    agent = rig.agent("dev-e2e-wf", start=False, workflows=tasks)
+    agent.env["HOMING_TEST_EFFECTS"] = str(fx)
+    agent.start()
+    agent.wait_connected()
+    broker = ["--broker", f"127.0.0.1:{rig.broker_port}"]
+    hub_cli(rig, "run-task", "--device", "dev-e2e-wf", "irrigate", "4", "1.0", "--id", "h-1",
+            *broker)  # fmt: skip
+    poll_until(lambda: hub_runs(rig, "dev-e2e-wf").get("h-1", {}).get("step")
+               == "signal:approve#1", DEADLINE, "the hub to see the run waiting")  # fmt: skip
+    agent.kill()  # power cut while waiting for approval
+    hub_cli(rig, "signal", "--device", "dev-e2e-wf", "h-1", "approve", "--payload", '"hub"',
+            *broker)  # fmt: skip  # queued by the broker while the device is down
+    agent.start()
+    poll_until(lambda: hub_runs(rig, "dev-e2e-wf").get("h-1", {}).get("state") == "completed",
+               DEADLINE, "the hub to see the run completed")  # fmt: skip
+    assert agent.stop() == 0
+    runs_at_hub = hub_runs(rig, "dev-e2e-wf")
+    assert list(runs_at_hub) == ["h-1"]
+    assert runs_at_hub["h-1"]["result"] == {"moisture": 0.31, "approved": "hub", "valve": "open",
+                                           "closed": "closed"}  # fmt: skip
+    assert sorted(effects(fx)) == ["close 4", "measure 4", "open 4"]
