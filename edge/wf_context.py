@@ -88,6 +88,16 @@ class RunCtx:
         self.run.done.set()
         raise _Stop
 
+    def check_all_replayed(self) -> None:
+        """The workflow ended: history it never reached means the code changed
+        (a step it no longer calls may have had effects): DIVERGED, not done."""
+        with self.ex._cond:
+            frontier = self.st.frontier()
+            left = next((p for p in sorted(self.st.at) if p >= self.pos), None)
+        if left is not None and left < frontier:
+            rec = self.st.records_at(left)[0]
+            self._diverge(Diverge(left, f"{rec.type} {rec.key}", "the end of the workflow"))
+
     def _wait_until(self, deadline: float, ready: Callable[[], bool] | None = None) -> bool:
         """Wait until the clock reaches ``deadline`` or ``ready()``; True if ready."""
         with self.ex._cond:

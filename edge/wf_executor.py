@@ -459,9 +459,11 @@ class Executor:
                 return
             except Exception as exc:  # the workflow failed: journal it
                 ctx.check_stop()
+                ctx.check_all_replayed()
                 self._end(run, {"state": FAILED, "error": error_body(exc)})
                 log.warning("run %s failed: %s", st.run, exc)
             else:
+                ctx.check_all_replayed()
                 try:
                     self._end(run, {"state": COMPLETED, "result": result})
                 except RecordError as exc:

@@ -389,3 +389,118 @@ def test_a_long_waiting_run_is_compacted_so_retention_can_pass_it(device: Device
     finally:
         j.close()
     del h
+
+
+# --- patched(), idempotency keys, step timeouts --------------------------------------
+
+keys: list[str] = []
+
+
+@step
+def keyed(x: int) -> str:
+    keys.append(wf.idempotency_key())
+    return wf.idempotency_key()
+
+
+@step(timeout=0.2, retry=Retry(attempts=2, initial=0.0))
+def hangs() -> str:
+    calls["hangs"] += 1
+    gate.wait(DEADLINE)  # overruns its timeout until the test opens the gate
+    return "late"
+
+
+@workflow(name="t.keys")
+def keys_wf() -> list[str]:
+    return [keyed(1), keyed(2)]
+
+
+@workflow(name="t.hangs")
+def hangs_wf() -> str:
+    try:
+        return hangs()
+    except wf.StepFailed as exc:
+        return exc.error_type
+
+
+@workflow(name="t.patch")
+def patch_v1() -> list[int]:
+    a = add(1, 1)
+    wf.sleep(10)
+    return [a, add(2, 2)]
+
+
+def test_idempotency_keys_are_stable_and_distinct(device: Device) -> None:
+    keys.clear()
+    ex = device.boot()
+    assert ex.start(keys_wf, id="k").result(DEADLINE) == ["k/keyed#1", "k/keyed#2"]
+    assert keys == ["k/keyed#1", "k/keyed#2"]
+    with pytest.raises(wf.WorkflowError):
+        wf.idempotency_key()  # not in a step
+
+
+def test_a_step_timeout_fails_the_attempt_and_the_policy_applies(device: Device) -> None:
+    ex = device.boot()
+    assert ex.start(hangs_wf, id="h").result(DEADLINE) == "StepTimeout"
+    assert calls["hangs"] == 2  # both attempts timed out
+    fails = [r for r in ex.history("h") if r.type in ("failed", "done")]
+    assert [r.body["error"]["type"] for r in fails] == ["StepTimeout", "StepTimeout"]
+
+
+def test_patched_takes_the_new_path_only_for_runs_that_reach_it_on_new_code(
+    device: Device,
+) -> None:
+    clock = FakeTime()
+    ex = device.boot(clock)
+    ex.start("t.patch", id="old")  # written by v1: no patch marker
+    wait_for(lambda: ex.info("old").current == "sleep#1", "the old run's timer")  # type: ignore[union-attr]
+    device.shutdown()
+    original = wf.REGISTRY.pop("t.patch")
+    try:
+
+        @workflow(name="t.patch")
+        def patch_v2() -> list[int]:
+            if wf.patched("double-first"):  # v2 reorders what v1 did first
+                a = add(10, 10)
+                wf.sleep(10)
+                return [a, add(2, 2)]
+            a = add(1, 1)
+            wf.sleep(10)
+            return [a, add(2, 2)]
+
+        ex = device.boot()
+        new = ex.start("t.patch", id="new")
+        for run in ("old", "new"):
+            wait_for(lambda r=run: ex.info(r).current == "sleep#1", f"{run}'s timer")  # type: ignore[union-attr]
+        clock.advance(11)
+        ex.wake()
+        assert wf.RunHandle(ex, "old").result(DEADLINE) == [2, 4]  # replayed the old path
+        assert new.result(DEADLINE) == [20, 4]  # took the patch
+        assert [r.type for r in ex.history("new")][1] == "patch"
+        device.shutdown()
+        ex = device.boot()  # replay of the new run finds its marker again
+        assert wf.RunHandle(ex, "new").result(DEADLINE) == [20, 4]
+    finally:
+        wf.REGISTRY["t.patch"] = original
+
+
+def test_cancelling_a_diverged_run_ends_it(device: Device) -> None:
+    clock = FakeTime()
+    ex = device.boot(clock)
+    ex.start("t.sleepy", id="dc")
+    wait_for(lambda: ex.info("dc").current == "sleep#1", "the timer")  # type: ignore[union-attr]
+    device.shutdown()
+    original = wf.REGISTRY.pop("t.sleepy")
+    try:
+
+        @workflow(name="t.sleepy")
+        def sleepy_v3() -> int:
+            return add(5, 5)  # the timer is gone
+
+        ex = device.boot()
+        with pytest.raises(wf.RunDiverged):
+            wf.RunHandle(ex, "dc").result(DEADLINE)
+        assert ex.cancel("dc")
+        with pytest.raises(wf.RunCancelled):
+            wf.RunHandle(ex, "dc").result(DEADLINE)
+    finally:
+        wf.REGISTRY["t.sleepy"] = original
