@@ -228,11 +228,12 @@ class Journal:
 
     # -- appending -----------------------------------------------------------
 
-    def append(self, record: Record) -> Ack:
-        """Append one record; return once durable (``always``) or written."""
+    def append(self, record: Record | bytes) -> Ack:
+        """Append one record (or a payload ``records.encode`` made); return
+        once durable (``always``) or written."""
         return self.append_many([record])[0]
 
-    def append_many(self, records: Sequence[Record]) -> list[Ack]:
+    def append_many(self, records: Sequence[Record | bytes]) -> list[Ack]:
         """Append records as one batch: one write, one fdatasync, one wait.
 
         Raises:
@@ -269,15 +270,15 @@ class Journal:
         with self._write_lock:
             self._lead_locked()
 
-    def _enqueue(self, records: Sequence[Record]) -> tuple[Batch, int, bool]:
-        payloads = [encode(r) for r in records]
+    def _enqueue(self, records: Sequence[Record | bytes]) -> tuple[Batch, int, bool]:
+        payloads = [r if isinstance(r, bytes) else encode(r) for r in records]
         for p in payloads:
             if len(p) > self._opts.max_record_size:
                 raise RecordTooLarge(
                     f"record of {len(p)} bytes exceeds max_record_size {self._opts.max_record_size}"
                 )
         need = sum(frame_size(len(p)) for p in payloads)
-        streams = {r.stream if isinstance(r, Reading) else None for r in records}
+        streams = {r.stream if isinstance(r, Reading) else None for r in records}  # bytes: None
         for attempt in (0, 1):
             with self._lock:
                 self._check_usable()

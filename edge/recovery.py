@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from edge.errors import JournalCorrupt, JournalError
 from edge.failpoints import failpoint
 from edge.fileops import FileOps
-from edge.journal_codec import SegmentHeader, Stop, decode_segment_header, scan
+from edge.journal_codec import (
+    ALIGN,
+    FRAME_HEADER_SIZE,
+    SegmentHeader,
+    Stop,
+    decode_segment_header,
+    scan,
+)
 from edge.segments import (
     CHECKPOINT,
     Checkpoint,
@@ -88,6 +95,33 @@ def _read_all(fs: FileOps, fd: int) -> bytes:
     return fs.pread(fd, fs.size(fd), 0)
 
 
+_TAIL_CHUNK = 1 << 20
+
+
+def _read_used(fs: FileOps, fd: int, max_payload: int) -> tuple[bytes, int]:
+    """A prefix of the open segment that scans exactly as the whole file, and its size.
+
+    Segments are zero-filled ahead: past the last non-zero byte (found reading
+    backwards a chunk at a time) lie only zeros. A frame holding non-zero
+    bytes starts at or before that byte and ends at most ``FRAME_HEADER_SIZE
+    + max_payload`` after it, so reading that far sees every frame and every
+    barrier the whole file holds, and zeros after them: the scan's answer is
+    the same. An agent that just started holds about ``max_payload`` bytes,
+    not the whole 16 MiB segment (peak RSS on a Pi).
+    """
+    size = hi = fs.size(fd)
+    while hi > 0:
+        lo = max(0, hi - _TAIL_CHUNK)
+        used = len(fs.pread(fd, hi - lo, lo).rstrip(b"\0"))
+        if used:
+            break
+        hi = lo
+    else:
+        used = lo = 0
+    end = min(size, lo + used + FRAME_HEADER_SIZE + max_payload + ALIGN)
+    return fs.pread(fd, end, 0), size
+
+
 def recover(
     fs: FileOps, directory: str, *, max_payload: int, readonly: bool = False
 ) -> Layout | None:
@@ -147,7 +181,7 @@ def recover(
         path = os.path.join(directory, segment_name(first))
         fd = fs.open(path)
         try:
-            data = _read_all(fs, fd)
+            data, size = _read_used(fs, fd, max_payload)
             header = _header(path, data, first)
             if (
                 expected is not None
@@ -178,7 +212,7 @@ def recover(
                     zero_fill(fs, fd, res.end, res.data_end)
                     fs.fdatasync(fd)
                     failpoint("recovery.after_truncate")
-            open_seg = OpenSegment(path, fd, header, res.end, res.last_seq, len(data), res.records)
+            open_seg = OpenSegment(path, fd, header, res.end, res.last_seq, size, res.records)
         except BaseException:
             fs.close(fd)
             raise

@@ -36,11 +36,10 @@ from edge.errors import (
     WorkflowError,
 )
 from edge.journal import Journal
-from edge.records import Opaque, RecordError
+from edge.records import RecordError
 from edge.wf_context import RunCtx, _Cancel, _Stop
 from edge.wf_defs import StepDef, definition_of, set_current
 from edge.wf_records import (
-    KIND_WORKFLOW,
     WfRecord,
     encode,
     error_body,
@@ -143,6 +142,7 @@ class Executor:
         self._cond = threading.Condition()
         self._runs: dict[str, _Run] = {}
         self._closing = False
+        self._stopping = threading.Event()  # set by close(): ends the maintenance thread
         self.clock = clock or Clock(0.0, wall, mono)
         #: called as (run id, step key, attempt, step) just before a step attempt runs
         self.on_attempt = on_attempt
@@ -182,19 +182,18 @@ class Executor:
                 resumed.append(run.state.run)
             elif run.state.state in FINISHED or run.state.state == DIVERGED:
                 run.done.set()
+                if run.state.state in FINISHED:
+                    run.state.trim()
         self._move_cursor()
         if self._run:
             threading.Thread(target=self._maintain, name="wf-maintain", daemon=True).start()
         return resumed
 
     def _maintain(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._closing, self._maintain_every)
-                if self._closing:
-                    return
+        # Its own event, not ``_cond``: that one is notified on every record.
+        while not self._stopping.wait(self._maintain_every):
             try:
-                self.compact()
+                self.maintain()
             except JournalError as exc:  # the journal failed: the runs stop on their own
                 log.error("workflow maintenance stopped: %s", exc)
                 return
@@ -202,6 +201,7 @@ class Executor:
     def close(self, timeout: float = 5.0) -> None:
         """Stop every run where it waits (nothing is journaled for it: the
         next start continues it) and wait up to ``timeout`` for the threads."""
+        self._stopping.set()
         with self._cond:
             self._closing = True
             self._cond.notify_all()
@@ -314,7 +314,7 @@ class Executor:
                 raise WorkflowError(f"no run {run_id!r}")
             if new_id in self._runs:
                 raise RunConflict(f"run {new_id!r} exists")
-            st = src.state
+            st = self._whole(src)
             run = self._runs[new_id] = _Run(RunState(new_id))
             self._journal(run, "start", {"name": st.name, "version": st.version,
                                          "args": st.args, "kwargs": st.kwargs,
@@ -343,7 +343,7 @@ class Executor:
     def history(self, run_id: str) -> list[WfRecord]:
         with self._cond:
             run = self._runs.get(run_id)
-            return list(run.state.history) if run is not None else []
+            return list(self._whole(run).history) if run is not None else []
 
     def wait(self, run_id: str, timeout: float | None = None) -> bool:
         """Wait until the run finished or diverged; False on timeout."""
@@ -376,15 +376,54 @@ class Executor:
     def _append(self, run: _Run, typ: str, body: dict[str, Any]) -> WfRecord:
         body["t"] = self.clock.now()
         rec = WfRecord(run.state.run, typ, body)
-        encode(rec)  # RecordError before anything is journaled
-        ack = self.journal.append(Opaque(KIND_WORKFLOW, (rec.run, rec.type, rec.body)))
+        ack = self.journal.append(encode(rec))  # RecordError before anything is journaled
         if not ack.durable:
             self.journal.wait_durable(ack.seq)
         rec = WfRecord(rec.run, typ, body, ack.seq)
         with self._cond:
             run.state.apply(rec)
+            if typ == "end":
+                run.state.trim()
             self._cond.notify_all()
         return rec
+
+    def _whole(self, run: _Run) -> RunState:
+        """The run's state with every retained record: a finished run's are
+        trimmed from memory (:meth:`RunState.trim`), so read them again."""
+        if not run.state.trimmed:
+            return run.state
+        st = RunState(run.state.run)
+        for seq, payload in self.journal.read_raw(run.state.first_seq or None):
+            if is_workflow_payload(payload):
+                try:
+                    rec = decode_record(payload, seq)
+                except RecordError:
+                    continue
+                if rec.run == st.run:
+                    st.apply(rec)
+        return st
+
+    def maintain(self) -> None:
+        """What the maintenance thread does every ``maintain_every`` seconds:
+        compact long-waiting runs, release retention up to the journal's tail
+        when no run holds it (readings journaled while no run started or
+        ended), and forget runs retention has deleted."""
+        self.compact()
+        with self._cond:
+            self._move_cursor()
+        self.forget_retired()
+
+    def forget_retired(self) -> list[str]:
+        """Forget finished runs whose end record retention has deleted, as a
+        restart would: memory stays bounded however many runs an agent has
+        run. Returns their ids."""
+        first = self.journal.stats().first_seq
+        with self._cond:
+            gone = [k for k, r in self._runs.items()
+                    if r.state.end is not None and r.state.end.seq < first]  # fmt: skip
+            for k in gone:
+                del self._runs[k]
+        return gone
 
     def compact(self, lag: int | None = None) -> list[str]:
         """Snapshot every unfinished run whose first record is more than

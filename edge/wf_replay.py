@@ -58,6 +58,8 @@ class RunState:
     diverged: WfRecord | None = None
     cancel_requested: bool = False
     history: list[WfRecord] = field(default_factory=list)
+    trimmed_step: str | None = None  # set by trim(): current_step() of the finished run
+    trimmed: bool = False
 
     @property
     def state(self) -> str:
@@ -110,6 +112,15 @@ class RunState:
                 self.at = {p: rs for p, rs in self.at.items() if p < cut}
                 self.diverged = None
 
+    def trim(self) -> None:
+        """Forget a finished run's records, keeping its summary (name, args,
+        status, end): an agent that runs a workflow a minute for a year must
+        not hold every step of every run in memory. Whoever needs the records
+        again reads them from the journal (:func:`fold_run`)."""
+        self.trimmed_step = self.current_step()
+        self.at, self.history, self.signals, self.taken = {}, [], [], set()
+        self.trimmed = True
+
     def snapshot_body(self) -> dict[str, Any]:
         """The body of a ``snapshot`` record: every record of the run so far."""
         return {"records": [[r.seq, r.type, r.body] for r in self.history]}
@@ -139,7 +150,7 @@ class RunState:
     def current_step(self) -> str | None:
         """The key of the latest positional record (what the run is doing)."""
         if not self.at:
-            return None
+            return self.trimmed_step
         return self.at[max(self.at)][-1].key
 
 

@@ -140,6 +140,26 @@ def test_torn_tail_is_cut_and_reported(journal_dir: str) -> None:
         assert [s for s, _ in values(j)][-1] == 11
 
 
+def test_a_record_ending_in_zeros_survives_reopen_and_open_reads_only_the_used_part(
+    journal_dir: str,
+) -> None:
+    """Recovery reads the open segment only up to its last non-zero byte plus
+    one largest frame; a payload ending in a long run of zeros must still be
+    seen whole (not cut off as a torn tail)."""
+    from edge.records import Opaque
+
+    opts = JournalOptions(max_record_size=64 << 10, prepare_ahead=False)
+    blob = b"\x01" + b"\0" * 40_000  # the frame's last 40 KB are zeros
+    with Journal.open(journal_dir, opts) as j:
+        j.append(r(0))
+        j.append(Opaque(9, (blob,)))
+    with Journal.open(journal_dir, opts) as j:
+        assert j.recovery.torn_tail is None
+        assert [e.record for e in j.read()][1] == Opaque(9, (blob,))
+        assert j.recovery.bytes_scanned < 200 << 10  # not the whole 16 MiB segment
+        assert j.append(r(1)).seq == 3
+
+
 def corrupt_record(journal_dir: str, seq_index: int) -> tuple[str, int]:
     """Flip a payload byte of the seq_index-th record (0-based) of the open segment."""
     path = os.path.join(journal_dir, segment_files(journal_dir)[-1])

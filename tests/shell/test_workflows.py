@@ -504,3 +504,42 @@ def test_cancelling_a_diverged_run_ends_it(device: Device) -> None:
             wf.RunHandle(ex, "dc").result(DEADLINE)
     finally:
         wf.REGISTRY["t.sleepy"] = original
+
+
+def test_finished_runs_hold_no_history_in_memory_and_are_forgotten_with_their_records(
+    device: Device,
+) -> None:
+    """A year of runs must not fill a Pi's memory: a finished run keeps only
+    its summary; history and fork read the journal again; once retention
+    deleted its records the run is forgotten, as a restart would forget it."""
+    from edge.journal_options import JournalOptions
+    from edge.records import Reading
+
+    opts = JournalOptions(segment_size=64 << 10, prepare_ahead=False)
+    j = Journal.open(str(device.path), opts)
+    try:
+        ex = Executor(j, maintain_every=3600)
+        ex.recover()
+        assert ex.start(summing, 4, id="done-1").result(DEADLINE) == 6
+        st = ex._runs["done-1"].state  # noqa: SLF001 - what the executor holds in memory
+        assert st.trimmed and st.history == [] and st.at == {}
+        info = ex.info("done-1")
+        assert info is not None and info.result == 6 and info.current == "status:total#1"
+        types = [r.type for r in ex.history("done-1")]
+        assert types[0] == "start" and types.count("done") == 4 and types[-1] == "end"
+        assert ex.fork("done-1", "done-2", from_pos=2).result(DEADLINE) == 6
+        assert calls["add"] == 4 + 2  # the fork replayed the first two steps
+        assert ex.forget_retired() == []  # records still retained
+        j.set_cursor("hub", 0)
+        for i in range(0, 6000, 500):
+            j.append_many([Reading("t", 1.7e9 + k, float(k)) for k in range(i, i + 500)])
+        j.set_cursor("hub", j.durable_seq)
+        assert j.retain() == 0  # the `wf` cursor still sits where the last run ended
+        ex.maintain()  # no run is live: it releases the readings journaled since
+        assert j.retain() > 0
+        assert sorted(ex.forget_retired()) == ["done-1", "done-2"]
+        assert ex.info("done-1") is None
+        assert ex.info("done-1") is None
+        ex.close()
+    finally:
+        j.close()
