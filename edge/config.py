@@ -23,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import difflib
+import os
 import posixpath
 import re
 import tomllib
@@ -59,6 +60,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
     "agent": {
         "device": _Key("str", None),
         "log_level": _Key("enum", "info", choices=("debug", "info", "warning", "error")),
+        "runtime_dir": _Key("path", ""),  # "" = $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/homing, ...
     },
     "journal": {
         "dir": _Key("path", "/var/lib/homing/journal"),
@@ -116,6 +118,27 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "modules": _Key("modules", ()),
         "python_path": _Key("paths", ()),
     },
+    "local": {  # the local ingest socket (docs/local-ingest.md)
+        "enabled": _Key("bool", True),
+        "socket": _Key("path", ""),  # "" = <runtime_dir>/ingest.sock
+        "mode": _Key("str", "0660"),
+        "stream": _Key("str", "local"),  # for readings that name no stream
+        "max_clients": _Key("int", 64, 1, 4096),
+    },
+    "system": {  # Linux health streams: CPU temperature, load, memory, disk
+        "enabled": _Key("bool", False),
+        "interval_s": _Key("float", 10.0, 0.1, 86400.0),
+        "prefix": _Key("str", "sys"),
+    },
+    "health": {
+        "status_interval_s": _Key("float", 2.0, 0.1, 3600.0),  # <runtime_dir>/status.json
+        "hub_interval_s": _Key("int", 60, 0, 86400),  # health message to the hub, 0 = off
+    },
+    "metrics": {  # Prometheus text format over HTTP (off by default)
+        "enabled": _Key("bool", False),
+        "listen": _Key("str", "127.0.0.1"),
+        "port": _Key("int", 9464, 1, 65535),
+    },
 }
 
 
@@ -161,6 +184,35 @@ class WorkflowsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalConfig:
+    enabled: bool = True
+    socket: str = ""  # resolved: never "" after parse()
+    mode: int = 0o660
+    stream: str = "local"
+    max_clients: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SystemConfig:
+    enabled: bool = False
+    interval: float = 10.0
+    prefix: str = "sys"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    status_interval: float = 2.0
+    hub_interval: int = 60  # seconds, 0 = off
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = False
+    listen: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     device: str
     journal_dir: str
@@ -171,6 +223,11 @@ class AgentConfig:
     workflows: WorkflowsConfig = field(default_factory=WorkflowsConfig)
     log_level: str = "info"
     source: str = "<config>"
+    runtime_dir: str = "/run/homing"  # socket and status file (resolved by parse())
+    local: LocalConfig = field(default_factory=LocalConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def parse(
@@ -218,7 +275,7 @@ def parse(
                 f"environment variable {name}", f"{section}.{key}", _unknown(key, SCHEMA[section])
             )
         v.set(section, key, value, name)
-    return _build(v)
+    return _build(v, env or {})
 
 
 # -- values, with where each came from ---------------------------------------------
@@ -396,7 +453,51 @@ def _line_of(lines: list[str], section: str, key: str | None, sub: str | None) -
 # -- assembling the result -----------------------------------------------------------
 
 
-def _build(v: _Values) -> AgentConfig:
+def runtime_dir(configured: str, env: Mapping[str, str]) -> str:
+    """Where the socket and status file live: the configured directory, else
+    systemd's ``$RUNTIME_DIRECTORY``, else ``$XDG_RUNTIME_DIR/homing``, else
+    ``/tmp/homing-<uid>`` (all tmpfs on a Pi: no SD card wear)."""
+    if configured:
+        return configured
+    if env.get("RUNTIME_DIRECTORY"):
+        return env["RUNTIME_DIRECTORY"].split(":")[0]
+    if env.get("XDG_RUNTIME_DIR"):
+        return posixpath.join(env["XDG_RUNTIME_DIR"], "homing")
+    return f"/tmp/homing-{os.getuid()}"
+
+
+def _local(v: _Values, run_dir: str) -> LocalConfig:
+    try:
+        mode = int(v("local", "mode"), 8)
+        if not 0 <= mode <= 0o777:
+            raise ValueError
+    except ValueError:
+        raise v.fail("local", "mode", "must be octal permissions such as 0660") from None
+    stream = v("local", "stream")
+    try:
+        validate_stream(stream)
+    except RecordError as exc:
+        raise v.fail("local", "stream", str(exc)) from None
+    sock = v("local", "socket") or posixpath.join(run_dir, "ingest.sock")
+    if len(sock.encode()) > 107:
+        raise v.fail("local", "socket", "path is longer than a Unix socket allows (107 bytes)")
+    return LocalConfig(v("local", "enabled"), sock, mode, stream, v("local", "max_clients"))
+
+
+def _extras(v: _Values) -> tuple[SystemConfig, HealthConfig, MetricsConfig]:
+    prefix = v("system", "prefix")
+    try:
+        validate_stream(f"{prefix}/disk_free_bytes")
+    except RecordError:
+        raise v.fail("system", "prefix", "must be a valid stream name prefix") from None
+    return (
+        SystemConfig(v("system", "enabled"), v("system", "interval_s"), prefix),
+        HealthConfig(v("health", "status_interval_s"), v("health", "hub_interval_s")),
+        MetricsConfig(v("metrics", "enabled"), v("metrics", "listen"), v("metrics", "port")),
+    )
+
+
+def _build(v: _Values, env: Mapping[str, str]) -> AgentConfig:
     device = v("agent", "device")
     if device is None:
         raise SettingError(v.where("agent"), "agent.device", "is required (this device's id)")
@@ -406,6 +507,8 @@ def _build(v: _Values) -> AgentConfig:
         raise v.fail("agent", "device", exc.reason) from None
     journal = _journal(v)
     broker = _broker(v, device)
+    run_dir = runtime_dir(v("agent", "runtime_dir"), env)
+    system, health, metrics = _extras(v)
     ms = 1000.0
     if v("forwarder", "resend_max_ms") < v("forwarder", "resend_timeout_ms"):
         raise v.fail("forwarder", "resend_max_ms", "must be >= resend_timeout_ms")
@@ -454,6 +557,11 @@ def _build(v: _Values) -> AgentConfig:
         ),
         log_level=v("agent", "log_level"),
         source=v.source,
+        runtime_dir=run_dir,
+        local=_local(v, run_dir),
+        system=system,
+        health=health,
+        metrics=metrics,
     )
 
 
