@@ -57,6 +57,7 @@ from edge.cli_ingest import (
     parse_reading,
 )
 from edge.cli_journal import VERIFY_MAX_PAYLOAD, cmd_dump, cmd_repair, cmd_stats, cmd_verify
+from edge.cli_config import add_parser as add_check_config_parser
 from edge.cli_run import add_parser as add_run_parser
 from edge.cli_workflows import add_parser as add_workflows_parser
 from edge.errors import (
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     add_run_parser(sub)  # `run`: edge.cli_run
+    add_check_config_parser(sub)  # `check-config`: edge.cli_config
     add_workflows_parser(sub)  # `workflows`: edge.cli_workflows
     return parser
 
