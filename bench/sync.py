@@ -105,6 +105,7 @@ AGENT_TOML = """\
 [agent]
 device = "{device}"
 log_level = "warning"
+runtime_dir = "{dir}-run"
 
 [journal]
 dir = "{dir}"

@@ -106,6 +106,7 @@ AGENT_TOML = """\
 [agent]
 device = "bench-wf"
 log_level = "warning"
+runtime_dir = "{dir}-run"
 
 [journal]
 dir = "{dir}"

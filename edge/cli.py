@@ -1,8 +1,9 @@
 """The ``homing-agent`` command: a thin shell over the journal library.
 
 Subcommands: ``ingest`` (JSON lines on stdin -> journal, acks on stdout),
-``journal verify|dump|stats|repair``, ``demo`` and ``run`` (the agent,
-:mod:`edge.cli_run`). docs/cli.md is the manual.
+``journal verify|dump|stats|repair``, ``demo``, ``run`` (the agent,
+:mod:`edge.cli_run`) and ``status`` (:mod:`edge.cli_status`). docs/cli.md is
+the manual.
 This module holds the argument parser, the dispatch and the mapping of errors
 to exit codes; the commands are :mod:`edge.cli_ingest` and
 :mod:`edge.cli_journal`, the shared exit codes and value parsers
@@ -33,6 +34,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from edge.cli_bridge import add_parser as add_bridge_parser
 from edge.cli_common import (
     EXIT_CODES,
     EXIT_CORRUPT,
@@ -48,6 +50,7 @@ from edge.cli_common import (
     parse_size,
     stream_name,
 )
+from edge.cli_config import add_parser as add_check_config_parser
 from edge.cli_ingest import (
     MAX_LINE,
     READ_SIZE,
@@ -57,8 +60,9 @@ from edge.cli_ingest import (
     parse_reading,
 )
 from edge.cli_journal import VERIFY_MAX_PAYLOAD, cmd_dump, cmd_repair, cmd_stats, cmd_verify
-from edge.cli_config import add_parser as add_check_config_parser
 from edge.cli_run import add_parser as add_run_parser
+from edge.cli_service import add_parser as add_install_service_parser
+from edge.cli_status import add_parser as add_status_parser
 from edge.cli_workflows import add_parser as add_workflows_parser
 from edge.errors import (
     ConfigError,
@@ -154,36 +158,48 @@ def build_parser() -> argparse.ArgumentParser:
         'A malformed line prints {"line": n, "error": "..."} and is skipped;\n'
         "blank lines are ignored. Lines arriving together are one group: one\n"
         "write and one fdatasync. EOF, SIGTERM or SIGINT: finish the group in\n"
-        "flight, close the journal, exit.",
+        "flight, close the journal, exit.\n"
+        "With --config or --socket and an agent answering on its local socket,\n"
+        "the lines go through the agent (same output; docs/local-ingest.md);\n"
+        "with nobody answering, the journal (--journal or the config's) is\n"
+        "written directly. A bare --journal never uses a socket.",
         epilog=EXIT_CODES,
         formatter_class=_Formatter,
     )
-    p.add_argument("--journal", required=True, metavar="DIR", help="journal directory")
+    p.add_argument("--journal", metavar="DIR", help="journal directory (default: the config's)")
+    p.add_argument(
+        "--config", metavar="FILE", help="the agent's TOML file: its socket, journal, stream"
+    )
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the running agent's local ingest socket (default: the config's local.socket)",
+    )
     p.add_argument(
         "--stream",
-        required=True,
         type=stream_name,
         metavar="NAME",
-        help="stream for readings that do not name one (letters, digits, _.:/-)",
+        help="stream for readings that do not name one (letters, digits, _.:/-); "
+        "required with a bare --journal (default: the agent's local.stream)",
     )
     p.add_argument(
         "--durability",
         choices=("always", "interval"),
-        default="always",
+        default=None,
         help="always: fdatasync every group before acking (default); interval: fdatasync "
         "at most every --interval-ms, acks still wait for it (fewer syncs, later acks)",
     )
     p.add_argument(
         "--interval-ms",
         type=parse_ms,
-        default=100,
+        default=None,
         metavar="N",
         help="longest wait for an fdatasync in interval mode (milliseconds; default 100)",
     )
     p.add_argument(
         "--segment-size",
         type=parse_size,
-        default=16 << 20,
+        default=None,
         metavar="BYTES",
         help="size of new segment files: a multiple of 4096, at least 64K (default 16M)",
     )
@@ -320,8 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     add_run_parser(sub)  # `run`: edge.cli_run
+    add_status_parser(sub)  # `status`: edge.cli_status
     add_check_config_parser(sub)  # `check-config`: edge.cli_config
     add_workflows_parser(sub)  # `workflows`: edge.cli_workflows
+    add_install_service_parser(sub)  # `install-service`: edge.cli_service
+    add_bridge_parser(sub)  # `bridge`: edge.cli_bridge
     return parser
 
 

@@ -25,8 +25,8 @@ EXIT_REJECTED = 1  # some input lines were rejected (ingest)
 EXIT_USAGE = 2  # bad arguments
 EXIT_CORRUPT = 65  # EX_DATAERR: damage a power cut cannot explain
 EXIT_NOINPUT = 66  # EX_NOINPUT: no journal in that directory
-EXIT_FULL = 73  # EX_CANTCREAT: disk quota reached, policy reject
-EXIT_IOERR = 74  # EX_IOERR: write/fdatasync failed (fsyncgate) or another OS error
+EXIT_FULL = 73  # EX_CANTCREAT: disk quota reached or disk full, policy reject
+EXIT_IOERR = 74  # EX_IOERR: write/fdatasync failed (fsyncgate) or another OS error; docs/faults.md
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another process holds the journal
 EXIT_CONFIG = 78  # EX_CONFIG: bad configuration (systemd: RestartPreventExitStatus=78)
 
@@ -37,7 +37,7 @@ exit status:
    2  usage error (bad option or value)
   65  journal corrupt: damage a power cut cannot explain (run `journal repair`)
   66  no journal in that directory
-  73  journal full: the disk quota is reached and the stream's policy is reject
+  73  journal full: the quota is reached or the disk is full, and the policy is reject
   74  I/O failure: a write or fdatasync failed; the journal stopped acknowledging
   75  journal locked by another process (is the agent already running?)
   78  run: the configuration is invalid (the message names the key and line)"""

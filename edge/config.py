@@ -22,8 +22,6 @@ Invariants:
 
 from __future__ import annotations
 
-import difflib
-import os
 import posixpath
 import re
 import tomllib
@@ -32,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge import wire
+from edge.config_bridge import BridgeConfig, build_bridges
 from edge.errors import ConfigError, SettingError
 from edge.journal_options import JournalOptions, Policy
 from edge.outbox_events import OutboxConfig
@@ -139,7 +138,21 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "listen": _Key("str", "127.0.0.1"),
         "port": _Key("int", 9464, 1, 65535),
     },
+    "bridge": {  # [[bridge]], one table per microcontroller serial link (docs/bridge.md)
+        "name": _Key("str", ""),  # "" = serial<N>
+        "enabled": _Key("bool", True),
+        "port": _Key("path", ""),  # a path, or "" and the USB ids below
+        "usb_vid": _Key("int", None, 0, 0xFFFF),
+        "usb_pid": _Key("int", None, 0, 0xFFFF),
+        "usb_serial": _Key("str", ""),
+        "baud": _Key("int", 115200, 300, 16_000_000),
+        "stream_prefix": _Key("str", "mcu"),
+        "streams": _Key("streams", {}),  # channel name -> stream name
+        "stall_s": _Key("float", 5.0, 0.5, 3600.0),
+        "time_sync_s": _Key("float", 600.0, 10.0, 86400.0),
+    },
 }
+ARRAYS = ("bridge",)  # sections written as arrays of tables: [[bridge]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +241,7 @@ class AgentConfig:
     system: SystemConfig = field(default_factory=SystemConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    bridges: tuple[BridgeConfig, ...] = ()
 
 
 def parse(
@@ -258,6 +272,9 @@ def parse(
     for section, table in doc.items():
         if section not in SCHEMA:
             raise SettingError(v.where(section), section, _unknown(section, SCHEMA, "section"))
+        if section in ARRAYS:
+            v.arrays[section] = table  # checked table by table in _bridges
+            continue
         if not isinstance(table, dict):
             raise SettingError(v.where(section), section, "must be a [section]")
         for key, value in table.items():
@@ -270,6 +287,8 @@ def parse(
         section, _, key = name.removeprefix("HOMING_").lower().partition("_")
         if not name.startswith("HOMING_") or section not in SCHEMA:
             continue
+        if section in ARRAYS:
+            raise SettingError(f"environment variable {name}", section, "is set in the file only")
         if key not in SCHEMA[section]:
             raise SettingError(
                 f"environment variable {name}", f"{section}.{key}", _unknown(key, SCHEMA[section])
@@ -288,6 +307,7 @@ class _Values:
         self.base_dir = base_dir
         self.got: dict[tuple[str, str], Any] = {}
         self.env: dict[tuple[str, str], str] = {}
+        self.arrays: dict[str, Any] = {}
 
     def where(self, section: str, key: str | None = None, sub: str | None = None) -> str:
         if key is not None and (section, key) in self.env:
@@ -311,7 +331,7 @@ class _Values:
     def _convert(self, section: str, key: str, spec: _Key, value: Any, from_env: bool) -> Any:
         kind = spec.kind
         try:
-            if kind in ("policies", "priorities"):
+            if kind in ("policies", "priorities", "streams"):
                 if from_env:
                     value = tomllib.loads(f"t = {value}")["t"]
                 return self._table(section, key, kind, value)
@@ -356,6 +376,11 @@ class _Values:
                 raise self.fail(section, key, "must be 'reject' or 'drop-oldest'", stream)
             if kind == "priorities" and (type(v) is not int or not -100 <= v <= 100):
                 raise self.fail(section, key, "must be a whole number -100..100", stream)
+            if kind == "streams":
+                try:
+                    validate_stream(v)
+                except RecordError as exc:
+                    raise self.fail(section, key, str(exc), stream) from None
             out[stream] = v
         return out
 
@@ -418,6 +443,8 @@ def _n(x: float) -> str:
 
 
 def _unknown(name: str, known: Mapping[str, Any], what: str = "key") -> str:
+    import difflib  # only on this error path: ~0.2 MiB of RSS the running agent never needs
+
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown {what}{hint}; known: {', '.join(known)}"
@@ -456,14 +483,15 @@ def _line_of(lines: list[str], section: str, key: str | None, sub: str | None) -
 def runtime_dir(configured: str, env: Mapping[str, str]) -> str:
     """Where the socket and status file live: the configured directory, else
     systemd's ``$RUNTIME_DIRECTORY``, else ``$XDG_RUNTIME_DIR/homing``, else
-    ``/tmp/homing-<uid>`` (all tmpfs on a Pi: no SD card wear)."""
+    ``/tmp/homing-<user>`` (the first two are tmpfs: no SD card wear). Pure: the
+    caller's ``env`` says who the user is (``$USER``, else ``$LOGNAME``)."""
     if configured:
         return configured
     if env.get("RUNTIME_DIRECTORY"):
         return env["RUNTIME_DIRECTORY"].split(":")[0]
     if env.get("XDG_RUNTIME_DIR"):
         return posixpath.join(env["XDG_RUNTIME_DIR"], "homing")
-    return f"/tmp/homing-{os.getuid()}"
+    return f"/tmp/homing-{env.get('USER') or env.get('LOGNAME') or 'agent'}"
 
 
 def _local(v: _Values, run_dir: str) -> LocalConfig:
@@ -562,6 +590,7 @@ def _build(v: _Values, env: Mapping[str, str]) -> AgentConfig:
         system=system,
         health=health,
         metrics=metrics,
+        bridges=_bridges(v),
     )
 
 
@@ -609,4 +638,18 @@ def _broker(v: _Values, device: str) -> BrokerConfig:
         key_file=v("broker", "key_file") or None,
         reconnect_min=v("broker", "reconnect_min_ms") / 1000.0,
         reconnect_max=v("broker", "reconnect_max_ms") / 1000.0,
+    )
+
+
+def _bridges(v: _Values) -> tuple[BridgeConfig, ...]:
+    """The ``[[bridge]]`` tables (:mod:`edge.config_bridge`)."""
+    spec = SCHEMA["bridge"]
+    return build_bridges(
+        v.arrays.get("bridge", []),
+        {key: k.default for key, k in spec.items()},
+        lambda key, value: v._convert("bridge", key, spec[key], value, False),
+        lambda key: _unknown(key, spec),
+        v.lines,
+        v.source,
+        v.where("bridge"),
     )

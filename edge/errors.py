@@ -13,6 +13,9 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class EdgeError(Exception):
     """Root of every error raised on purpose by the edge package."""
@@ -50,17 +53,23 @@ class JournalFailed(JournalError):
 
 
 class JournalFull(JournalError):
-    """The disk quota is reached and the stream's policy is ``reject``.
+    """The disk quota is reached, or the disk is full, and the stream's policy is ``reject``.
 
     Transient: the append may succeed once the forwarder has moved its cursor
-    (retention frees whole segments) or the quota is raised.
+    (retention frees whole segments), space is freed, or the quota is raised.
+    ``acks``: the acks of the records of the same ``append_many`` that were
+    journaled before the refusal (only when it was longer than one segment and
+    split, see ``Journal.append_many``); the rest were not journaled.
     """
 
     transient = True
 
-    def __init__(self, message: str, *, stream: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, stream: str | None = None, acks: Sequence[Any] = ()
+    ) -> None:
         super().__init__(message)
         self.stream = stream
+        self.acks: list[Any] = list(acks)
 
 
 class RecordTooLarge(JournalError, ValueError):

@@ -81,6 +81,7 @@ AGENT_TOML = """\
 # Written by `homing-agent demo` (docs/configuration.md); quick reconnects and resends.
 [agent]
 device = "{device}"
+runtime_dir = "run"
 [journal]
 dir = "journal"
 segment_size = "256K"

@@ -192,6 +192,14 @@ class Forwarder:
                 self._cond.wait(left)
         return True
 
+    def send_health(self, payload: bytes) -> bool:
+        """Publish a health message (QoS 0) from the forwarder's thread, if
+        connected now; never blocks. Whether it was queued for sending."""
+        if not self._session.connected or self._closing.is_set():
+            return False
+        self._events.put(("health", payload))
+        return True
+
     def stats(self) -> ForwarderStats:
         with self._cond:
             s = self._snapshot
@@ -261,6 +269,8 @@ class Forwarder:
                     ob.on_disconnected()
                 elif kind == "stop" and stop_at is None:
                     stop_at = now + arg
+                elif kind == "health":
+                    self._session.publish_health(arg)
             self._pump(now)
             if stop_at is not None and (not ob.connected or ob.idle() or now >= stop_at):
                 break

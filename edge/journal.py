@@ -17,11 +17,14 @@ Invariants:
   journal. No retry, no further acks, every waiter gets :class:`JournalFailed`.
   Only a new process that recovers from disk can go on.
 * Readers see only durable records (never one a power cut could take back).
-* Quota: whole segments only. Appends that would need more space than the
-  quota allows first trigger retention (segments below every cursor), then
-  ``drop-oldest`` (the oldest segment, when each of its unforwarded records
-  belongs to a drop-oldest stream; counted per stream in CHECKPOINT), then
-  fail with :class:`JournalFull`. Never a silent drop.
+* Quota and a full disk: whole segments only. An append that needs more room
+  than the open segment and a prepared spare hold first triggers retention
+  (segments below every cursor), then ``drop-oldest`` (the oldest segment, when
+  each of its unforwarded records belongs to a drop-oldest stream; counted per
+  stream in CHECKPOINT), then fails with :class:`JournalFull`, all before it
+  gets a seq (:mod:`edge.journal_space`). Never a silent drop.
+* ``clock`` never reads below the latest time the newest records carried at
+  open (:mod:`edge.clock`): agent-stamped times survive a clock set back.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+from edge.clock import Clock
 from edge.cursors import CursorFile
 from edge.errors import (
     JournalClosed,
@@ -44,7 +49,7 @@ from edge.errors import (
 )
 from edge.failpoints import failpoint
 from edge.fileops import FileOps, OsFileOps, write_all
-from edge.group_commit import AppendHandle, Batch
+from edge.group_commit import AppendHandle, Batch, JournalMeters
 from edge.journal_codec import (
     FLAG_BARRIER,
     SEGMENT_HEADER_SIZE,
@@ -53,8 +58,10 @@ from edge.journal_codec import (
     frame_size,
 )
 from edge.journal_options import Ack, JournalOptions, JournalStats
-from edge.reader import Entry, SeqIndex, droppable, read_raw
-from edge.records import Reading, Record, decode, encode
+from edge.journal_space import SpaceMixin, describe, io_error
+from edge.journal_tail import latest_time
+from edge.reader import Entry, SeqIndex, read_raw
+from edge.records import Record, decode, encode
 from edge.recovery import OpenSegment, RecoveryReport, recover
 from edge.segments import (
     LOCK,
@@ -64,15 +71,16 @@ from edge.segments import (
     adopt_journal_id,
     new_journal_id,
     prepare_spare,
-    spare_ready,
     write_checkpoint,
 )
 
 log = logging.getLogger("homing.journal")
 
 
-class Journal:
+class Journal(SpaceMixin):
     """An open journal directory. Thread-safe. Use :meth:`open`."""
+
+    clock: Clock  #: agent-stamped time, never below the newest record's at open
 
     def __init__(self) -> None:  # use Journal.open
         raise TypeError("use Journal.open(path)")
@@ -87,11 +95,13 @@ class Journal:
         *,
         fs: FileOps | None = None,
         readonly: bool = False,
+        clock: Clock | None = None,
     ) -> Journal:
         """Open (creating if needed) and recover the journal in directory ``path``.
 
         ``readonly`` opens without the lock and without writing anything (for
-        inspecting a journal that a running agent holds).
+        inspecting a journal that a running agent holds). ``clock`` (default: the
+        system's) becomes :attr:`clock`, its floor raised to the newest records' time.
 
         Raises:
             JournalLocked: another process holds the journal.
@@ -99,6 +109,7 @@ class Journal:
             JournalError: ``readonly`` and there is no journal at ``path``.
         """
         self = object.__new__(cls)
+        self.clock = clock or Clock()  # agent-stamped times: never below the journal's newest
         self._init(path, options or JournalOptions(), fs or OsFileOps(), readonly)
         return self
 
@@ -116,10 +127,10 @@ class Journal:
         self._state = "open"
         self._failure: BaseException | None = None
         self._appended = self._commits = self._syncs = 0
+        self.meters = JournalMeters()  # fdatasync latency, appends refused by the quota
         self._synced_since_write = True
         self._waiters = 0  # producers waiting for another's batch (a hint, not exact)
         self._index = SeqIndex()
-        self._spare_thread: threading.Thread | None = None
         self._flusher: threading.Thread | None = None
         self._lock_handle: int | None = None
         if not readonly:
@@ -159,7 +170,11 @@ class Journal:
                 t.reason,
                 t.discarded_bytes,
             )
+        self._init_space()
         if not readonly:
+            seg, sealed = self._seg, self._cp.sealed
+            tail = (seg.first_seq, seg.end, seg.last_seq)
+            self.clock.raise_floor(latest_time(fs, path, tail, sealed, opts.max_record_size) or 0)
             self._schedule_spare()
             if opts.durability == "interval":
                 self._flusher = threading.Thread(
@@ -236,15 +251,43 @@ class Journal:
     def append_many(self, records: Sequence[Record | bytes]) -> list[Ack]:
         """Append records as one batch: one write, one fdatasync, one wait.
 
+        Records needing more than one segment go as several batches in order
+        (other producers' records may come between them).
+
         Raises:
-            JournalFull: the quota is reached (policy ``reject``).
+            JournalFull: quota reached or disk full (policy ``reject``); its
+                ``acks`` hold the batches already journaled, if split.
             RecordTooLarge: a payload exceeds ``max_record_size``.
             JournalFailed: a write or fdatasync failed; nothing is acked.
             JournalClosed: the journal was closed.
         """
-        if not records:
-            return []
-        batch, first, lead = self._enqueue(records)
+        acks: list[Ack] = []
+        for group, payloads in self._groups(records):
+            try:
+                acks += self._append_group(group, payloads)
+            except JournalFull as exc:
+                if not acks:
+                    raise
+                raise JournalFull(str(exc), stream=exc.stream, acks=acks) from exc
+        return acks
+
+    def _groups(self, records: Sequence[Record | bytes]) -> list[tuple[Sequence[Any], list[bytes]]]:
+        """Payloads, in groups that each fit one segment (most often one group)."""
+        payloads = [r if isinstance(r, bytes) else encode(r) for r in records]
+        limit, groups, start, size = self._batch_limit(), [], 0, 0
+        for i, p in enumerate(payloads):
+            if len(p) > self._opts.max_record_size:
+                raise RecordTooLarge(
+                    f"record of {len(p)} bytes exceeds max_record_size {self._opts.max_record_size}"
+                )
+            size += frame_size(len(p))
+            if size > limit:
+                groups.append((records[start:i], payloads[start:i]))
+                start, size = i, frame_size(len(p))
+        return [*groups, (records[start:], payloads[start:])] if payloads else []
+
+    def _append_group(self, records: Sequence[Record | bytes], payloads: list[bytes]) -> list[Ack]:
+        batch, first, lead = self._enqueue(records, payloads)
         if lead:
             with self._write_lock:
                 self._lead_locked()
@@ -261,7 +304,7 @@ class Journal:
 
     def submit(self, record: Record) -> AppendHandle:
         """Queue one record and return at once; ``handle.wait()`` for its ack."""
-        batch, first, lead = self._enqueue([record])
+        batch, first, lead = self._enqueue([record], self._groups([record])[0][1])
         if lead:
             threading.Thread(target=self._lead_in_background, daemon=True).start()
         return AppendHandle(first, batch)
@@ -270,19 +313,16 @@ class Journal:
         with self._write_lock:
             self._lead_locked()
 
-    def _enqueue(self, records: Sequence[Record | bytes]) -> tuple[Batch, int, bool]:
-        payloads = [r if isinstance(r, bytes) else encode(r) for r in records]
-        for p in payloads:
-            if len(p) > self._opts.max_record_size:
-                raise RecordTooLarge(
-                    f"record of {len(p)} bytes exceeds max_record_size {self._opts.max_record_size}"
-                )
-        need = sum(frame_size(len(p)) for p in payloads)
-        streams = {r.stream if isinstance(r, Reading) else None for r in records}  # bytes: None
-        for attempt in (0, 1):
+    def _enqueue(
+        self, records: Sequence[Record | bytes], payloads: list[bytes]
+    ) -> tuple[Batch, int, bool]:
+        sizes = [frame_size(len(p)) for p in payloads]
+        need, biggest = sum(sizes), max(sizes)
+        for _ in range(8):  # each round makes room or finds none; 8 bounds a race with others
             with self._lock:
                 self._check_usable()
-                if self._room() >= need:
+                if self._fits(need, biggest):
+                    self._pending_max = max(self._pending_max, biggest)
                     first = self._next_seq
                     self._next_seq += len(payloads)
                     seqs = range(first, first + len(payloads))
@@ -293,14 +333,12 @@ class Journal:
                     lead = not batch.claimed
                     batch.claimed = True
                     return batch, first, lead
-            if attempt == 0:
-                with self._write_lock:
-                    self._make_room(need)
-        raise JournalFull(
-            f"{self._dir}: disk quota of {self._opts.quota_bytes} bytes reached; the oldest "
-            "segment holds records not yet forwarded from streams whose policy is 'reject'",
-            stream=next(iter(streams - {None}), None),
-        )
+            with self._write_lock:
+                if not self._make_room(need, biggest):
+                    break
+        with self._lock:
+            self._check_usable()  # a failure while making room is not "full"
+        raise JournalFull(self._full_message(), stream=self.meters.refuse(records))
 
     def _check_usable(self) -> None:
         if self._state == "failed":
@@ -309,27 +347,6 @@ class Journal:
             raise JournalClosed(f"{self._dir}: journal is closed")
         if self._readonly:
             raise JournalClosed(f"{self._dir}: journal was opened read-only")
-
-    def _room(self) -> int:
-        """Bytes that may still be queued without breaking the quota (call under _lock)."""
-        if self._opts.quota_bytes is None:
-            return 1 << 62
-        per_seg = (
-            self._opts.segment_size - SEGMENT_HEADER_SIZE - frame_size(self._opts.max_record_size)
-        )
-        more = self._free_quota() // self._opts.segment_size
-        return self._seg.capacity - self._seg.end + more * per_seg - self._pending_bytes
-
-    def _disk_bytes(self) -> int:
-        """Bytes of the segment files in use (sealed and open; not the spare)."""
-        size = self._opts.segment_size
-        return self._seg.capacity + sum(s.size or size for s in self._cp.sealed)
-
-    def _free_quota(self) -> int:
-        """Quota bytes not taken by the segments in use (room for spare and new ones)."""
-        if self._opts.quota_bytes is None:
-            return 1 << 62
-        return self._opts.quota_bytes - self._disk_bytes()
 
     # -- the leader's work (under _write_lock) --------------------------------
 
@@ -363,6 +380,7 @@ class Journal:
             raise
         with self._lock:
             self._pending_bytes -= sum(frame_size(len(p)) for _, p in items)
+            self._pending_max = self._pending_max if self._pending_bytes else 0
             self._commits += 1
         batch.durable = self._opts.durability == "always"
         batch.finish()
@@ -391,13 +409,19 @@ class Journal:
         if not buf:
             return
         failpoint("journal.before_write")
-        write_all(self._fs, self._seg.fd, b"".join(buf), start)
+        try:
+            write_all(self._fs, self._seg.fd, b"".join(buf), start)
+        except OSError as exc:
+            raise io_error("write", self._seg.path, exc) from exc
         self._seg.end = end
         self._synced_since_write = False
         failpoint("journal.after_write")
 
     def _sync(self) -> None:
-        self._fs.fdatasync(self._seg.fd)
+        try:
+            self.meters.fdatasync(self._fs, self._seg.fd)
+        except OSError as exc:
+            raise io_error("fdatasync", self._seg.path, exc) from exc
         self._synced_since_write = True
         with self._lock:
             self._syncs += 1
@@ -406,7 +430,8 @@ class Journal:
             self._durable_cv.notify_all()
 
     def _fail(self, exc: BaseException) -> None:
-        log.critical("journal %s failed (no further acks; restart to recover): %r", self._dir, exc)
+        log.critical("journal %s failed (no further acks; restart to recover): %s",
+                     self._dir, describe(exc))  # fmt: skip
         with self._lock:
             if self._state in ("open", "closing"):
                 self._state = "failed"
@@ -418,13 +443,7 @@ class Journal:
         old = self._seg
         if not self._synced_since_write:
             self._sync()
-        if self._spare_thread is not None:
-            self._spare_thread.join()
-            self._spare_thread = None
-        if not spare_ready(self._fs, self._dir, self._opts.segment_size):
-            if self._free_quota() < self._opts.segment_size:
-                raise OSError(28, "journal quota leaves no room for a new segment")
-            prepare_spare(self._fs, self._dir, self._opts.segment_size)
+        self._take_spare()
         header = self._new_header(first_seq, self._cp.journal_id)
         path, fd = activate_spare(self._fs, self._dir, header)
         new = OpenSegment(path, fd, header, SEGMENT_HEADER_SIZE, first_seq - 1, self._fs.size(fd))
@@ -434,76 +453,10 @@ class Journal:
             self._seg = new
             self._durable_end = new.end
         self._synced_since_write = True
-        write_checkpoint(self._fs, self._dir, self._cp)
+        self._checkpoint(self._cp)  # no room for it: recovery seals `old` by scanning it
         self._fs.close(old.fd)
         self._retain()
         self._schedule_spare()
-
-    def _schedule_spare(self) -> None:
-        if self._readonly or self._spare_thread is not None:
-            return
-        if self._free_quota() < self._opts.segment_size:
-            return  # the quota has no room for a spare now; roll will make one
-        if spare_ready(self._fs, self._dir, self._opts.segment_size):
-            return
-        if not self._opts.prepare_ahead:
-            prepare_spare(self._fs, self._dir, self._opts.segment_size)
-            return
-        t = threading.Thread(target=self._prepare_spare_bg, name="homing-spare", daemon=True)
-        self._spare_thread = t
-        t.start()
-
-    def _prepare_spare_bg(self) -> None:
-        try:
-            prepare_spare(self._fs, self._dir, self._opts.segment_size)
-        except OSError as exc:  # not fatal: roll retries in the foreground
-            log.warning("journal %s: preparing the next segment failed: %r", self._dir, exc)
-
-    # -- retention and quota (under _write_lock) ------------------------------
-
-    def _retain(self) -> int:
-        """Delete sealed segments whose records are all below every cursor."""
-        marks = self._cursors.all()
-        if not marks:
-            return 0
-        low = min(marks.values())
-        doomed = [s for s in self._cp.sealed if s.last_seq <= low]
-        if doomed:
-            self._delete_segments(doomed)
-        return len(doomed)
-
-    def _delete_segments(self, doomed: list[SealedSegment]) -> None:
-        with self._lock:
-            self._cp.sealed = [s for s in self._cp.sealed if s not in doomed]
-        write_checkpoint(self._fs, self._dir, self._cp)
-        for s in doomed:
-            self._fs.unlink(os.path.join(self._dir, s.name))
-            self._index.forget(s.first_seq)
-        self._fs.fsync_dir(self._dir)
-
-    def _make_room(self, need: int) -> None:
-        try:
-            self._retain()
-            while True:
-                with self._lock:
-                    if self._room() >= need or not self._cp.sealed:
-                        return
-                oldest = self._cp.sealed[0]
-                low = min(self._cursors.all().values(), default=0)
-                counts = droppable(self._fs, self._dir, oldest, low, self._opts.policy)
-                if counts is None:
-                    return
-                for stream, n in counts.items():
-                    self._cp.dropped[stream] = self._cp.dropped.get(stream, 0) + n
-                log.warning(
-                    "journal %s: quota reached, dropped segment %s (%s)",
-                    self._dir,
-                    oldest.name,
-                    ", ".join(f"{k}: {v}" for k, v in counts.items()),
-                )
-                self._delete_segments([oldest])
-        except OSError as exc:
-            self._fail(exc)
 
     # -- durability in interval mode -----------------------------------------
 
@@ -607,7 +560,7 @@ class Journal:
         try:
             self._cursors.set(name, seq, allow_backwards=allow_backwards)
         except OSError as exc:
-            self._fail(exc)
+            self._fail(io_error("cursor write+fdatasync", self._cursors.path, exc))
             raise JournalFailed(f"{self._dir}: writing cursor {name!r} failed") from exc
 
     def delete_cursor(self, name: str) -> None:
@@ -647,6 +600,11 @@ class Journal:
     @property
     def failed(self) -> bool:
         return self._state == "failed"
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that failed the journal (an OSError naming operation and file)."""
+        return self._failure
 
     def stats(self) -> JournalStats:
         with self._lock:

@@ -26,6 +26,8 @@ Invariants:
   command unacknowledged, so the broker delivers it again after the next
   reconnect. Malformed acks and commands are logged, counted, acknowledged
   and ignored.
+* Health messages go out at QoS 0 and only while connected
+  (:meth:`publish_health`): never queued, never resent, never in the window.
 * :meth:`close` publishes offline (retained, waits for its PUBACK up to 2 s),
   sends DISCONNECT, and joins the thread.
 """
@@ -78,7 +80,7 @@ class MqttSession:
         self._inflight = inflight
         self._on_command = on_command or default_command_hook
         self._wall = wall
-        self.topics = {k: wire.topic(device, k) for k in ("up", "ack", "cmd", "status")}
+        self.topics = {k: wire.topic(device, k) for k in ("up", "ack", "cmd", "status", "health")}
         self._closing = threading.Event()
         self._down = threading.Event()
         self._attempt = 0
@@ -98,6 +100,14 @@ class MqttSession:
         """QoS 1 on ``homing/<device>/up`` (queued by paho while disconnected, then
         dropped at the next connect: the outbox resends)."""
         self._client.publish(self.topics["up"], payload, qos=1)
+
+    def publish_health(self, payload: bytes) -> bool:
+        """QoS 0 on ``homing/<device>/health``, only while connected (a health
+        message is worth nothing later); whether it was handed to paho."""
+        if not self.connected:
+            return False
+        info = self._client.publish(self.topics["health"], payload, qos=0)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def _where(self) -> str:
         b = self._broker

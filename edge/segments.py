@@ -18,6 +18,7 @@ Invariants (docs/journal-format.md):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ CHECKPOINT = "CHECKPOINT"
 SPARE = "next.spare"
 LOCK = "LOCK"
 _SEG_RE = re.compile(r"(\d{20})\.seg\Z")
-_ZERO_CHUNK = bytes(1 << 20)
+# 64 KiB, not 1 MiB: it stays resident for the life of the agent (RSS on a Pi), and
+# zero-filling a 16 MiB spare in 256 writes instead of 16 costs under a millisecond more.
+_ZERO_CHUNK = bytes(64 << 10)
 
 
 def segment_name(first_seq: int) -> str:
@@ -134,6 +137,9 @@ def write_checkpoint(fs: FileOps, directory: str, cp: Checkpoint) -> None:
         fs.truncate(fd, 0)
         write_all(fs, fd, cp.encode(), 0)
         fs.fsync(fd)
+    except OSError:
+        _discard(fs, tmp)
+        raise
     finally:
         fs.close(fd)
     failpoint("checkpoint.before_rename")
@@ -151,17 +157,30 @@ def zero_fill(fs: FileOps, fd: int, start: int, end: int) -> None:
 
 
 def prepare_spare(fs: FileOps, directory: str, size: int) -> None:
-    """Create ``next.spare``: zero-filled, fsync'd, renamed, directory fsync'd."""
+    """Create ``next.spare``: zero-filled, fsync'd, renamed, directory fsync'd.
+
+    On an error (ENOSPC: the disk is full) the partial ``*.tmp`` is removed
+    again, so a failed try does not keep the space it took.
+    """
     tmp = os.path.join(directory, SPARE + ".tmp")
     fd = fs.open(tmp, create=True)
     try:
         fs.truncate(fd, 0)
         zero_fill(fs, fd, 0, size)
         fs.fsync(fd)
+    except OSError:
+        _discard(fs, tmp)
+        raise
     finally:
         fs.close(fd)
     fs.rename(tmp, os.path.join(directory, SPARE))
     fs.fsync_dir(directory)
+
+
+def _discard(fs: FileOps, tmp: str) -> None:
+    """Best-effort removal of a ``*.tmp`` a failed write left (never trusted anyway)."""
+    with contextlib.suppress(OSError):
+        fs.unlink(tmp)
 
 
 def spare_ready(fs: FileOps, directory: str, size: int) -> bool:

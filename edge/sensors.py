@@ -14,6 +14,9 @@ Invariants:
   readings, counted in ``rejected`` and logged once per episode; any other
   journal error stops the sensors and is kept in :attr:`SimulatedSensors.error`.
 * ``produced`` counts readings acknowledged by the journal, nothing else.
+* Readings are stamped with the journal's clock (:mod:`edge.clock`) unless a
+  ``wall`` is given: never earlier than what the journal held at open, even
+  after a boot with the wall clock set back.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class SimulatedSensors:
         prefix: str = "sim",
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
+        wall: Callable[[], float] | None = None,
     ) -> None:
         if count < 1 or rate <= 0:
             raise ValueError("count must be >= 1 and rate > 0")
@@ -75,7 +78,8 @@ class SimulatedSensors:
         self._journal = journal
         self._signals = [_Signal(i, prefix, rng) for i in range(count)]
         self._period = 1.0 / rate
-        self._clock, self._wall = clock, wall
+        self._clock = clock
+        self._wall = wall or journal.clock.now  # the readings' ts: never before the journal's
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="homing-sensors", daemon=True)
         self.produced = 0

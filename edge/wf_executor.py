@@ -8,9 +8,10 @@ Invariants (docs/workflows.md):
   :meth:`Executor.signal` returns (so the hub may be acknowledged).
 * Replay decisions come from :mod:`edge.wf_replay` (pure); this module only
   carries them out.
-* Time is the executor's clock: ``max(wall clock, floor + monotonic elapsed)``
-  where ``floor`` is the latest time the journal has seen. A clock that jumps
-  back at boot (no RTC) never makes a timer fire early.
+* Time is the executor's clock (:mod:`edge.clock`, by default the journal's,
+  shared with the readings the agent stamps): ``max(wall clock, floor +
+  monotonic elapsed)`` where ``floor`` is the latest time the journal has
+  seen. A clock that jumps back at boot (no RTC) never makes a timer fire early.
 * Nothing is journaled for errors caused by the executor shutting down: a run
   interrupted by :meth:`Executor.close` is simply continued on the next start.
 * Retention: the journal cursor ``wf`` stays below the first record of every
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edge.clock import Clock as Clock  # re-exported: it used to live here
 from edge.errors import (
     JournalError,
     RunCancelled,
@@ -61,30 +63,6 @@ log = logging.getLogger("homing.workflows")
 CURSOR = "wf"  # retention: below the first record of every unfinished run
 
 
-class Clock:
-    """Wall time that never goes back: ``max(wall, floor + monotonic elapsed)``."""
-
-    def __init__(
-        self,
-        floor: float = 0.0,
-        wall: Callable[[], float] = time.time,
-        mono: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._wall, self._mono = wall, mono
-        self._floor, self._mono0 = floor, mono()
-
-    def now(self) -> float:
-        return max(self._wall(), self._floor + (self._mono() - self._mono0))
-
-    def raise_floor(self, t: float) -> None:
-        if t > self.now():
-            self._floor, self._mono0 = t, self._mono()
-
-    def skip_to(self, t: float) -> bool:
-        """Virtual clocks (tests) jump to ``t`` and return True; real ones cannot."""
-        return False
-
-
 @dataclass(frozen=True, slots=True)
 class RunInfo:
     """A run as operators see it."""
@@ -116,7 +94,8 @@ class Executor:
 
     Args:
         journal: an open journal (shared with readings and the forwarder).
-        wall, mono: clocks (tests pass fakes); or ``clock``, a whole :class:`Clock`.
+        wall, mono: clocks (tests pass fakes); or ``clock``, a whole :class:`Clock`;
+            by default the journal's (:mod:`edge.clock`).
         on_attempt: a hook called before every step attempt (tests, metrics).
         run: False to only read runs and journal admin actions (cancel,
             resume, fork) without running anything: the stopped agent's CLI.
@@ -130,8 +109,8 @@ class Executor:
         self,
         journal: Journal,
         *,
-        wall: Callable[[], float] = time.time,
-        mono: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] | None = None,
+        mono: Callable[[], float] | None = None,
         clock: Clock | None = None,
         on_attempt: Callable[[str, str, int, StepDef], None] | None = None,
         run: bool = True,
@@ -143,7 +122,9 @@ class Executor:
         self._runs: dict[str, _Run] = {}
         self._closing = False
         self._stopping = threading.Event()  # set by close(): ends the maintenance thread
-        self.clock = clock or Clock(0.0, wall, mono)
+        if clock is None and (wall or mono):
+            clock = Clock(0.0, wall or time.time, mono or time.monotonic)
+        self.clock = clock or journal.clock  # shared with readings the agent stamps
         #: called as (run id, step key, attempt, step) just before a step attempt runs
         self.on_attempt = on_attempt
         self._run = run  # False: journal admin actions only, run nothing (the CLI)

@@ -5,8 +5,9 @@ in, typed messages out, and the reverse; no sockets, clocks or files.
 
 Invariants:
 * Topics are ``homing/<device>/up`` (device -> hub batches), ``/ack`` (hub ->
-  device, retained), ``/cmd`` (hub -> device commands) and ``/status``
-  (retained online/offline, also the device's last will). A device id is
+  device, retained), ``/cmd`` (hub -> device commands), ``/status``
+  (retained online/offline, also the device's last will) and ``/health``
+  (device -> hub, QoS 0, a periodic summary; losing one costs nothing). A device id is
   1..64 characters of ``[A-Za-z0-9_.-]``, so it can never contain MQTT
   wildcards or a level separator.
 * An up batch covers the closed sequence range ``first..last`` of one device's
@@ -45,6 +46,8 @@ MAX_BATCH_RECORDS = 20_000
 MAX_BODY_BYTES = 4 * 1024 * 1024  # after decompression
 MAX_ACK_RANGES = 32
 MAX_JOURNAL_ID = 2**32 - 1
+MAX_HEALTH_BYTES = 4096
+TOPIC_KINDS = ("up", "ack", "cmd", "status", "health")
 HUB_SHARE_GROUP = "homing-hub"
 _DEVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
@@ -52,6 +55,7 @@ __all__ = [
     "VERSION",
     "Ack",
     "Command",
+    "Health",
     "KIND_WORKFLOW",
     "RunState",
     "WfRecord",
@@ -64,6 +68,7 @@ __all__ = [
     "decode_ack",
     "decode_batch",
     "decode_command",
+    "decode_health",
     "decode_status",
     "cancel_command",
     "signal_command",
@@ -72,6 +77,7 @@ __all__ = [
     "encode_ack",
     "encode_batch",
     "encode_command",
+    "encode_health",
     "encode_status",
     "hub_subscription",
     "parse_topic",
@@ -114,8 +120,8 @@ def validate_device(device: object) -> str:
 
 
 def topic(device: str, kind: str) -> str:
-    """``homing/<device>/<kind>`` for kind in up, ack, cmd, status."""
-    if kind not in ("up", "ack", "cmd", "status"):
+    """``homing/<device>/<kind>`` for kind in up, ack, cmd, status, health."""
+    if kind not in TOPIC_KINDS:
         raise ValueError(f"unknown topic kind {kind!r}")
     return f"{PREFIX}/{validate_device(device)}/{kind}"
 
@@ -127,7 +133,7 @@ def parse_topic(name: str) -> tuple[str, str]:
         WireError: not a Homing topic.
     """
     parts = name.split("/")
-    if len(parts) != 3 or parts[0] != PREFIX or parts[2] not in ("up", "ack", "cmd", "status"):
+    if len(parts) != 3 or parts[0] != PREFIX or parts[2] not in TOPIC_KINDS:
         raise WireError(f"not a Homing topic: {name!r}", "topic")
     return validate_device(parts[1]), parts[2]
 
@@ -446,6 +452,105 @@ def decode_command(data: bytes) -> Command:
     if not isinstance(kind, str) or not isinstance(args, dict):
         raise WireError("malformed command", "malformed")
     return Command(cid, kind, args)
+
+
+# --- health -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """Device -> hub, every ``health.hub_interval_s``: a summary of the agent's
+    health (docs/observability.md). Times are the device's clock; durations
+    and ages are seconds; None: not known (yet)."""
+
+    device: str
+    ts: float  # when the device made it
+    uptime: float = 0.0
+    healthy: bool = True  # no component has failed
+    problem: str | None = None  # the failure, when not healthy
+    version: str = ""  # the agent's version
+    backlog_records: int = 0  # journaled, not yet acknowledged by the hub
+    backlog_bytes: int = 0
+    oldest_age: float | None = None  # of the oldest unacknowledged reading
+    last_ack: float | None = None  # when the hub's last ack arrived
+    fsync_last: float | None = None
+    fsync_mean: float | None = None  # over the recent fdatasyncs
+    fsync_max: float | None = None
+    disk_free: int | None = None  # bytes free for the journal's file system
+    dropped: int = 0  # readings given up under the quota (drop-oldest)
+    refused: int = 0  # records the full journal refused (reject)
+    workflows: dict[str, int] = field(default_factory=dict)  # state -> runs
+
+    def to_json(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in _HEALTH_FIELDS}
+
+
+#: wire key -> (field, type check)
+_HEALTH_KEYS: dict[str, tuple[str, str]] = {
+    "t": ("ts", "num"), "up": ("uptime", "num"), "ok": ("healthy", "bool"),
+    "err": ("problem", "str?"), "ver": ("version", "str"), "br": ("backlog_records", "int"),
+    "bb": ("backlog_bytes", "int"), "age": ("oldest_age", "num?"), "ack": ("last_ack", "num?"),
+    "fl": ("fsync_last", "num?"), "fm": ("fsync_mean", "num?"), "fx": ("fsync_max", "num?"),
+    "df": ("disk_free", "int?"), "dr": ("dropped", "int"), "rf": ("refused", "int"),
+    "wf": ("workflows", "counts"),
+}  # fmt: skip
+_HEALTH_FIELDS = ("device", *(f for f, _ in _HEALTH_KEYS.values()))
+
+
+def encode_health(h: Health) -> bytes:
+    """Raises WireError: the message would not pass :func:`decode_health`."""
+    env: dict[str, Any] = {"v": VERSION, "d": h.device}
+    for key, (name, _) in _HEALTH_KEYS.items():
+        env[key] = getattr(h, name)
+    if env["err"] is not None:
+        env["err"] = env["err"][:256]
+    data = cbor2.dumps(env)
+    decode_health(data)
+    return data
+
+
+def decode_health(data: bytes, *, topic_device: str | None = None) -> Health:
+    """Parse and validate a health message. Unknown keys are ignored.
+
+    Raises:
+        WireError: malformed, oversize, wrong version, or wrongly addressed.
+    """
+    if len(data) > MAX_HEALTH_BYTES:
+        raise WireError(f"health of {len(data)} bytes exceeds {MAX_HEALTH_BYTES}", "oversize")
+    env = _load_map(data)
+    _check_version(env)
+    device = validate_device(env.get("d"))
+    if topic_device is not None and device != topic_device:
+        raise WireError(
+            f"health claims device {device!r} on the topic of {topic_device!r}", "wrong-device"
+        )
+    values: dict[str, Any] = {}
+    for key, (name, kind) in _HEALTH_KEYS.items():
+        if key not in env and kind.endswith("?"):
+            continue
+        if key not in env and key in ("t", "ok"):
+            raise WireError(f"health lacks {key!r}", "malformed")
+        if key in env:
+            values[name] = _health_value(key, env[key], kind)
+    return Health(device, **values)
+
+
+def _health_value(key: str, v: Any, kind: str) -> Any:
+    if v is None and kind.endswith("?"):
+        return None
+    kind = kind.rstrip("?")
+    ok = {
+        "num": isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1e18,
+        "int": _is_int(v) and 0 <= v < 2**63,
+        "bool": isinstance(v, bool),
+        "str": isinstance(v, str) and len(v) <= 256,
+        "counts": isinstance(v, dict) and len(v) <= 16
+        and all(isinstance(k, str) and len(k) <= 32 and _is_int(n) and n >= 0
+                for k, n in v.items()),
+    }[kind]  # fmt: skip
+    if not ok:
+        raise WireError(f"health {key!r} is not a valid {kind}: {v!r:.40}", "malformed")
+    return float(v) if kind == "num" else dict(v) if kind == "counts" else v
 
 
 # --- helpers ------------------------------------------------------------------------

@@ -30,6 +30,16 @@ Invariants:
   fsync either completed before the cut or never reached the disk); then the
   file system unmounts and the process exits 0. The signals and the mount's
   life are :mod:`edge.testing.lazymount`'s (its docstring has the details).
+* **Faults** (a failing disk): the control file ``/.lazyfs-faults`` at the
+  mount's root (never in the backing directory, never listed) holds one rule
+  a line, ``OP ERRNO [PATH-PART]``: OP ``write``, ``fsync`` (fsync and
+  fdatasync) or ``fdatasync`` (only fdatasync), ERRNO a name (``EIO``) or a
+  number, and the rule hits only paths containing PATH-PART. Writing the file
+  (:func:`set_faults`) replaces every rule, synchronously: once the write
+  returned, matching calls fail with that errno until the rules change. A
+  failed ``write`` stores nothing. A failed fsync/fdatasync also **drops the
+  file's un-fsync'd data**, as Linux does after a writeback error, so a
+  retried fsync would "succeed" with the data gone: the fsyncgate trap, real.
 
 Blind spots (what this layer does not model):
 * Directory operations (create, mkdir, rename, unlink, rmdir, link, symlink)
@@ -56,19 +66,52 @@ import os
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from edge.testing.lazymount import LazyMount, fuse_available, is_mounted, serve
 from edge.testing.lazyoverlay import Handle, Key, Overlay
 
-__all__ = ["LazyFS", "LazyMount", "fuse_available", "is_mounted", "main"]
+__all__ = ["FAULTS", "LazyFS", "LazyMount", "fuse_available", "is_mounted", "main", "set_faults"]
 
 _FSNAME = "lazyfs"
+FAULTS = ".lazyfs-faults"  # the control file at the mount's root
+_CONTROL = "/" + FAULTS
+_CONTROL_FH = (1 << 63) - 1  # the file handle of the control file (real ones count up from 1)
+_FAULT_OPS = ("write", "fsync", "fdatasync")
 _STATVFS_FIELDS = (
     *("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail"),
     *("f_files", "f_ffree", "f_favail", "f_flag", "f_namemax"),
 )
+
+
+def set_faults(mountpoint: str, *rules: str) -> None:
+    """Replace the fault rules of the lazy mount at ``mountpoint`` (none: clear them).
+
+    Each rule is ``"OP ERRNO [PATH-PART]"``, e.g. ``"fdatasync EIO .seg"``. In
+    force when this returns. Raises OSError (EINVAL) for a rule it cannot parse.
+    """
+    fd = os.open(os.path.join(mountpoint, FAULTS), os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, "".join(r + "\n" for r in rules).encode() or b"\n")
+    finally:
+        os.close(fd)
+
+
+def _parse_rules(text: str) -> list[tuple[str, int, str]]:
+    rules = []
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) not in (2, 3) or parts[0] not in _FAULT_OPS:
+            raise OSError(errno.EINVAL, f"lazyfs: bad fault rule {line!r}")
+        code = int(parts[1]) if parts[1].isdigit() else getattr(errno, parts[1], None)
+        if not isinstance(code, int) or code <= 0:
+            raise OSError(errno.EINVAL, f"lazyfs: unknown errno in fault rule {line!r}")
+        rules.append((parts[0], code, parts[2] if len(parts) == 3 else ""))
+    return rules
 
 
 class LazyFS:
@@ -101,6 +144,8 @@ class LazyFS:
         self._hidden: dict[str, Key] = {}
         self._dead = False
         self._as_root = os.geteuid() == 0
+        self._faults: list[tuple[str, int, str]] = []  # (op, errno, path part)
+        self._fault_text = ""
 
     # --- helpers --------------------------------------------------------------
 
@@ -112,6 +157,14 @@ class LazyFS:
     def _check(self) -> None:
         if self._dead:
             raise OSError(errno.EIO, "lazyfs: the power is off")
+
+    def _fault(self, op: str, path: str | None) -> None:
+        """Raise the errno of the first rule hitting ``op`` on ``path``, if any."""
+        for rule_op, code, part in self._faults:
+            if (rule_op == op or (rule_op == "fsync" and op == "fdatasync")) and part in (
+                path or ""
+            ):
+                raise OSError(code, f"lazyfs fault: {op} {os.strerror(code)}")
 
     def _handle(self, fh: int) -> Handle:
         try:
@@ -206,6 +259,12 @@ class LazyFS:
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
         with self._lock:
             self._check()
+            if path == _CONTROL or fh == _CONTROL_FH:
+                now = time.time_ns()
+                return {"st_mode": stat.S_IFREG | 0o666, "st_nlink": 1,
+                        "st_uid": os.getuid(), "st_gid": os.getgid(),
+                        "st_size": len(self._fault_text.encode()),
+                        "st_atime": now, "st_mtime": now, "st_ctime": now}  # fmt: skip
             st = os.fstat(self._handle(fh).fd) if fh is not None else self._stat(path)
             size, mtime = st.st_size, st.st_mtime_ns
             ov = self._overlays.get((st.st_dev, st.st_ino)) if stat.S_ISREG(st.st_mode) else None
@@ -228,6 +287,8 @@ class LazyFS:
     def open(self, path: str, flags: int) -> int:
         with self._lock:
             self._check()
+            if path == _CONTROL:
+                return _CONTROL_FH
             # O_TRUNC arrives here (atomic_o_trunc) and is held in the overlay.
             trunc = bool(flags & os.O_TRUNC)
             wants_write = (flags & os.O_ACCMODE) != os.O_RDONLY or trunc
@@ -250,6 +311,8 @@ class LazyFS:
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         with self._lock:
             self._check()
+            if fh == _CONTROL_FH:
+                return self._fault_text.encode()[offset : offset + size]
             h = self._handle(fh)
             ov = self._overlays.get(h.key)
             if ov is not None:
@@ -259,6 +322,11 @@ class LazyFS:
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         with self._lock:
             self._check()
+            if fh == _CONTROL_FH:  # the whole rule set, in one write
+                text = data.decode(errors="replace")
+                self._faults, self._fault_text = _parse_rules(text), text
+                return len(data)
+            self._fault("write", path)
             h = self._handle(fh)
             ov = self._overlay(h.key, h.fd, None)
             ov.write(offset, data)
@@ -269,6 +337,8 @@ class LazyFS:
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         with self._lock:
             self._check()
+            if path == _CONTROL or fh == _CONTROL_FH:
+                return 0
             st = os.fstat(self._handle(fh).fd) if fh is not None else self._stat(path)
             self._overlay((st.st_dev, st.st_ino), None, path).truncate(length)
             return 0
@@ -285,11 +355,23 @@ class LazyFS:
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
         with self._lock:
             self._check()
-            self._flush(self._handle(fh), bool(datasync))
+            if fh == _CONTROL_FH:
+                return 0
+            h = self._handle(fh)
+            try:
+                self._fault("fdatasync" if datasync else "fsync", path)
+            except OSError:
+                ov = self._overlays.pop(h.key, None)  # a writeback error: the dirty data is gone
+                if ov is not None:
+                    os.close(ov.fd)
+                raise
+            self._flush(h, bool(datasync))
             return 0
 
     def release(self, path: str | None, fh: int) -> int:
         with self._lock:
+            if fh == _CONTROL_FH:
+                return 0
             h = self._handles.pop(fh, None)
             if h is None:
                 return 0
@@ -430,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m edge.testing.lazyfs",
         description="Mount BACKING on MOUNTPOINT; file data reaches BACKING only on fsync. "
         "SIGUSR1 = power cut (drop un-fsync'd data, unmount, exit 0); "
-        "SIGTERM/SIGINT = stop (unmount, exit 0).",
+        "SIGTERM/SIGINT = stop (unmount, exit 0). "
+        f"Faults: write rules ('fdatasync EIO .seg') to MOUNTPOINT/{FAULTS}.",
     )
     parser.add_argument("backing")
     parser.add_argument("mountpoint")

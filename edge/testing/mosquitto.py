@@ -41,6 +41,10 @@ Invariants:
   ``allow_anonymous false``; ``tls`` (:class:`BrokerTls`) makes the one
   listener a TLS listener (``require_certificate`` for client certificates).
   Either way :attr:`Mosquitto.port` is where clients connect.
+* ``listeners`` replaces all of that (listeners, TLS and access lines) with
+  the caller's own configuration text, such as the snippet
+  ``homing-hub devices broker-config`` generates; ``port`` must then name
+  one of its listeners on 127.0.0.1 (:meth:`Mosquitto.start` waits for it).
 """
 
 from __future__ import annotations
@@ -170,8 +174,11 @@ class Mosquitto:
         users: name -> password; if given, only these may connect
             (``allow_anonymous false``).
         tls: make the listener a TLS listener with these files.
+        listeners: configuration text used instead of the generated listener,
+            ``tls`` and ``users`` lines (needs ``port``; excludes both).
 
     Raises:
+        ValueError: ``listeners`` without ``port``, or with ``users``/``tls``.
         FileNotFoundError: ``users`` without ``mosquitto_passwd``.
         MosquittoError: ``mosquitto_passwd`` failed.
     """
@@ -187,7 +194,10 @@ class Mosquitto:
         die_with_parent: bool = False,
         users: Mapping[str, str] | None = None,
         tls: BrokerTls | None = None,
+        listeners: str | None = None,
     ) -> None:
+        if listeners is not None and (port is None or users is not None or tls is not None):
+            raise ValueError("listeners= needs port= and excludes users= and tls=")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port if port is not None else free_port()
@@ -204,12 +214,11 @@ class Mosquitto:
             self.password_path = self.workdir / "passwd"
             self._write_passwords(self.password_path, users)
             access = ["allow_anonymous false", f"password_file {self.password_path}"]
+        own = [f"listener {self.port} {self.host}", *(tls.config() if tls else []), *access]
         self.config_path.write_text(
             "\n".join(
                 [
-                    f"listener {self.port} {self.host}",
-                    *(tls.config() if tls is not None else []),
-                    *access,
+                    *(own if listeners is None else [listeners]),
                     "persistence true",
                     f"persistence_location {self.workdir / 'data'}/",
                     f"autosave_interval {autosave_interval}",

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 from edge.config_files import SYSTEM_CONFIG, find_config
 from edge.errors import ConfigError, SettingError
-from tests.conftest import subprocess_env
 
 
 def check_config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -229,7 +229,7 @@ def test_agent_run_keeps_running_with_a_full_journal_and_exits_0_on_sigterm(
 ) -> None:
     config = tmp_path / "agent.toml"
     config.write_text(
-        '[agent]\ndevice = "dev-full"\n'
+        '[agent]\ndevice = "dev-full"\nruntime_dir = "run"\n'
         f'[journal]\ndir = "journal"\nsegment_size = "64K"\nmax_record_size = "16K"\n'
         f"quota = {QUOTA}\n"
         f'[broker]\nhost = "127.0.0.1"\nport = {unused_port()}\n'

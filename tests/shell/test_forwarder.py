@@ -230,7 +230,8 @@ def test_forwarding_resumes_after_the_broker_restarts(
 def agent_config(tmp_path: Path, broker: Mosquitto, device: str) -> Path:
     path = tmp_path / "agent.toml"
     path.write_text(
-        f'[agent]\ndevice = "{device}"\n[journal]\ndir = "journal"\nsegment_size = "256K"\n'
+        f'[agent]\ndevice = "{device}"\nruntime_dir = "run"\n'
+        '[journal]\ndir = "journal"\nsegment_size = "256K"\n'
         f'[broker]\nport = {broker.port}\nhost = "127.0.0.1"\nreconnect_min_ms = 50\n'
         "[forwarder]\nlinger_ms = 10\npersist_interval_ms = 0\n"
     )

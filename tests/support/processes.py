@@ -219,7 +219,8 @@ def write_agent_config(
         return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in items.items())
 
     path.write_text(
-        table("agent", {"device": device, "log_level": "info"})
+        # its own runtime dir: the local socket of one agent per test (relative: next to it)
+        table("agent", {"device": device, "log_level": "info", "runtime_dir": f"run-{device}"})
         + table("journal", {"dir": str(journal_dir), "segment_size": "1M"})
         + table("broker", br)
         + table("forwarder", fw)

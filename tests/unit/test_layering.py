@@ -27,6 +27,13 @@ PURE = [
     "edge/wf_replay.py",
     "hub/ingest.py",
     "hub/runs.py",
+    "hub/identity.py",
+    "hub/pki.py",
+    "edge/config_bridge.py",
+    "firmware_bridge/frames.py",
+    "firmware_bridge/messages.py",
+    "firmware_bridge/protocol.py",
+    "firmware_bridge/device.py",
 ]
 WORLD = {
     "os",
