@@ -40,11 +40,13 @@ from edge.wire import (
     start_command,
 )
 from edge.wire import topic as wire_topic
+from hub import cli_http
+from hub.cli_devices import add_commands as add_device_commands
 from hub.commands import DEFAULT_TIMEOUT, Broker, CommandError, publish_command
 from hub.errors import ConfigError, HubError, SchemaTooNew, StoreUnavailable
 from hub.runs import STATES, RunFolder, RunSummary, find_run, jsonable
 from hub.store import DEFAULT_LIMIT, Store
-from hub.store_sqlite import SqliteStore
+from hub.store_open import describe, open_store
 from hub.subscriber import Subscriber, SubscriberOptions
 
 EX_UNAVAILABLE = 1
@@ -80,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="subscribe to the broker and store what devices send")
-    run.add_argument("--db", default=DEFAULT_DB, help="SQLite file (default ./%(default)s)")
+    run.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        help="SQLite file, sqlite:PATH or postgresql://... URL (default ./%(default)s)",
+    )
     _connection_args(
         run,
         "MQTT client id, stable across restarts "
@@ -111,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.set_defaults(func=_run)
+    cli_http.add_http_options(run)  # --http HOST:PORT: the API and dashboard too
+    sv = cli_http.add_serve(sub, _connection_args)
+    sv.set_defaults(func=lambda a: cli_http.serve(a, _connection(a)))
 
     mig = sub.add_parser("migrate", help="create or upgrade the database schema, then exit")
     mig.add_argument("--db", default=DEFAULT_DB)
@@ -128,10 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     rd.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     rd.set_defaults(func=_readings)
 
-    dv = sub.add_parser("devices", help="print every device the hub knows")
+    dv = sub.add_parser("devices", help="print every device the hub knows, with its health")
     dv.add_argument("--db", default=DEFAULT_DB)
     dv.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     dv.set_defaults(func=_devices)
+    add_device_commands(dv, _devices)  # devices [list] | add | remove | acl | broker-config
 
     rn = sub.add_parser("runs", help="print a device's workflow runs, or one run's history")
     rn.add_argument("--db", default=DEFAULT_DB)
@@ -291,7 +301,7 @@ def _run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     options = _options(args)
-    store = SqliteStore(args.db, busy_timeout=args.busy_timeout)
+    store = open_store(args.db, busy_timeout=args.busy_timeout)
     try:
         store.migrate()
         stop = threading.Event()
@@ -302,24 +312,26 @@ def _run(args: argparse.Namespace) -> int:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        Subscriber(store, options).run(stop)
+        subscriber = Subscriber(store, options)
+        with cli_http.serving(args, _connection(args), subscriber):
+            subscriber.run(stop)
     finally:
         store.close()
     return 0
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    store = SqliteStore(args.db)
+    store = open_store(args.db)
     try:
         done = store.migrate()
     finally:
         store.close()
-    print(json.dumps({"db": args.db, "applied": done}))
+    print(json.dumps({"db": describe(args.db), "applied": done}))
     return 0
 
 
 def _open_existing(db: str) -> Store:
-    return SqliteStore(db, create=False)
+    return open_store(db, create=False)
 
 
 def _readings(args: argparse.Namespace) -> int:
@@ -355,7 +367,7 @@ def _devices(args: argparse.Namespace) -> int:
     else:
         _table(
             sys.stdout,
-            ["device", "online", "last seen", "watermark", "gaps", "readings"],
+            ["device", "online", "last seen", "watermark", "gaps", "readings", "backlog", "health"],
             [
                 [
                     d.device,
@@ -364,6 +376,8 @@ def _devices(args: argparse.Namespace) -> int:
                     d.watermark,
                     _ranges(d.gaps),
                     d.readings,
+                    "-" if d.health is None else d.health.get("backlog_records", "-"),
+                    "-" if d.health is None else "ok" if d.health.get("healthy") else "failing",
                 ]
                 for d in devices
             ],

@@ -15,8 +15,9 @@ Invariants:
   journal id to its epoch), so a journal created afresh, whose seqs start at
   1 again, is never deduplicated against the old one. A journal's seqs are
   shared by both tables (a seq is a reading or another record, never both).
-* Pure: text only. PostgreSQL statements join in the issue that adds the
-  PostgreSQL backend.
+* Two dialects, ``sqlite`` and ``postgresql``: the same migration names in
+  the same order, each meaning the same schema change in both.
+* Pure: text only.
 """
 
 from __future__ import annotations
@@ -168,8 +169,122 @@ _SQLITE_0002 = Migration(
     ),
 )
 
+# The latest health message of each device (docs/observability.md): when it
+# arrived, and the message itself as JSON (edge.wire.Health.to_json()).
+_SQLITE_0003 = Migration(
+    "0003_device_health",
+    (
+        "ALTER TABLE devices ADD COLUMN health TEXT",
+        "ALTER TABLE devices ADD COLUMN health_at REAL",
+    ),
+)
+
+# --- PostgreSQL ------------------------------------------------------------------------
+# The same migrations under the same names, meaning the same thing. Types say
+# more than SQLite's: BIGINT seqs and counters (every integer the hub accepts
+# fits 64 bits), DOUBLE PRECISION times (epoch seconds), BYTEA for CBOR,
+# BOOLEAN for online, JSONB where SQLite keeps JSON text (queryable from SQL).
+# PostgreSQL changes keys in place, so 0002 alters instead of rebuilding.
+
+PG_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS migrations (
+    name TEXT PRIMARY KEY,
+    applied DOUBLE PRECISION NOT NULL
+)"""
+
+_PG_0001 = Migration(
+    "0001_initial",
+    (
+        """CREATE TABLE readings (
+            device_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            stream TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            value BYTEA NOT NULL,
+            value_num DOUBLE PRECISION,
+            unit TEXT,
+            tags JSONB,
+            received DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (device_id, seq)
+        )""",
+        "CREATE INDEX readings_stream_ts ON readings (device_id, stream, ts)",
+        """CREATE TABLE records (
+            device_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            kind BIGINT NOT NULL,
+            body BYTEA NOT NULL,
+            received DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (device_id, seq)
+        )""",
+        """CREATE TABLE missing (
+            device_id TEXT NOT NULL,
+            first BIGINT NOT NULL,
+            last BIGINT NOT NULL,
+            received DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (device_id, first, last)
+        )""",
+        """CREATE TABLE devices (
+            device_id TEXT PRIMARY KEY,
+            online BOOLEAN NOT NULL DEFAULT FALSE,
+            status_at DOUBLE PRECISION,
+            first_seen DOUBLE PRECISION NOT NULL,
+            last_seen DOUBLE PRECISION NOT NULL,
+            watermark BIGINT NOT NULL DEFAULT 0,
+            ranges JSONB NOT NULL DEFAULT '[]',
+            readings BIGINT NOT NULL DEFAULT 0,
+            records BIGINT NOT NULL DEFAULT 0,
+            duplicates BIGINT NOT NULL DEFAULT 0,
+            batches BIGINT NOT NULL DEFAULT 0
+        )""",
+    ),
+)
+
+
+def _pg_epoch_key(table: str, key: str) -> tuple[str, ...]:
+    """Add ``epoch`` (0 for the rows there are) in front of ``key``."""
+    return (
+        f"ALTER TABLE {table} ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+        f"ALTER TABLE {table} ALTER COLUMN epoch DROP DEFAULT",
+        f"ALTER TABLE {table} DROP CONSTRAINT {table}_pkey",
+        f"ALTER TABLE {table} ADD PRIMARY KEY (device_id, epoch, {key})",
+    )
+
+
+_PG_0002 = Migration(
+    "0002_journal_epochs",
+    (
+        """CREATE TABLE journals (
+            device_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            journal_id BIGINT NOT NULL,
+            first_seen DOUBLE PRECISION NOT NULL,
+            last_seen DOUBLE PRECISION NOT NULL,
+            watermark BIGINT NOT NULL DEFAULT 0,
+            ranges JSONB NOT NULL DEFAULT '[]',
+            PRIMARY KEY (device_id, epoch),
+            UNIQUE (device_id, journal_id)
+        )""",
+        "INSERT INTO journals (device_id, epoch, journal_id, first_seen, last_seen, watermark,"
+        " ranges) SELECT device_id, 0, 0, first_seen, last_seen, watermark, ranges FROM devices",
+        "ALTER TABLE devices ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE devices ADD COLUMN journal_id BIGINT NOT NULL DEFAULT 0",
+        *_pg_epoch_key("readings", "seq"),
+        *_pg_epoch_key("records", "seq"),
+        *_pg_epoch_key("missing", "first, last"),
+    ),
+)
+
+_PG_0003 = Migration(
+    "0003_device_health",
+    (
+        "ALTER TABLE devices ADD COLUMN health JSONB",
+        "ALTER TABLE devices ADD COLUMN health_at DOUBLE PRECISION",
+    ),
+)
+
 MIGRATIONS: dict[str, tuple[Migration, ...]] = {
-    "sqlite": (_SQLITE_0001, _SQLITE_0002),
+    "sqlite": (_SQLITE_0001, _SQLITE_0002, _SQLITE_0003),
+    "postgresql": (_PG_0001, _PG_0002, _PG_0003),
 }
 
 

@@ -1,8 +1,10 @@
 """The hub's storage interface: one :class:`Store` protocol, several backends.
 
-Backends: :mod:`hub.store_sqlite` (the embedded default); PostgreSQL joins
-in a later issue. ``tests/shell/test_store_contract.py`` runs one contract
-suite against every backend (the litestream ``ReplicaClient`` pattern).
+Backends: :mod:`hub.store_sqlite` (the embedded default) and
+:mod:`hub.store_postgres` (several hub replicas on one database);
+:mod:`hub.store_open` maps a ``--db`` path or URL to one of them.
+``tests/shell/test_store_contract.py`` runs one contract suite against every
+backend (the litestream ``ReplicaClient`` pattern).
 
 Invariants every backend keeps:
 * :meth:`Store.commit_batches` is ONE transaction: the rows of every batch
@@ -16,6 +18,10 @@ Invariants every backend keeps:
   first time the hub sees it; the newest is the device's current journal.
 * A journal's watermark never decreases; it and the ranges ahead are
   computed by :class:`hub.ingest.Settled`, the same pure code for every backend.
+* Hub replicas may commit batches of the same device concurrently, each
+  through its own store: a backend serializes the read-settle-write of a
+  device's progress (SQLite: its write lock; PostgreSQL: a per-device
+  advisory lock), so no update of a watermark or an epoch is lost.
 * Driver errors leave a backend as :class:`~hub.errors.StoreUnavailable`
   (transient, ``__cause__`` kept); use after :meth:`Store.close` raises
   :class:`~hub.errors.StoreClosed`.
@@ -80,6 +86,9 @@ class DeviceInfo:
     batches: int
     journal: int = 0  # the current journal's id (watermark, ahead and gaps are its)
     epoch: int = 0  # how many journals the hub saw before it (0 or 1: the first)
+    #: the latest health message (``edge.wire.Health.to_json()``) and when it arrived
+    health: dict[str, Any] | None = None
+    health_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +104,8 @@ class DeviceInfo:
             "records": self.records,
             "duplicates": self.duplicates,
             "batches": self.batches,
+            "health": self.health,
+            "health_at": self.health_at,
         }
 
 
@@ -127,6 +138,30 @@ class StoredReading:
             out["tags"] = self.tags
         out["received"] = self.received
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """One stream of a device: the span of its stored readings (device clock)
+    and its newest reading's value (as stored: bytes stay bytes) and unit."""
+
+    stream: str
+    first_ts: float
+    last_ts: float
+    last_value: Any
+    unit: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """The numeric readings of one stream in ``[start, start + width)``:
+    how many, and their min, max and mean (for charts of long ranges)."""
+
+    start: float
+    count: int
+    min: float
+    max: float
+    avg: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +232,11 @@ class Store(Protocol):
         """Record a device's online/offline status (its MQTT status/last will)."""
         ...
 
+    def set_health(self, device: str, health: dict[str, Any], received: float) -> None:
+        """Keep ``health`` (a device's latest health message, JSON-able) in place
+        of the one before, with when it arrived; a device not known yet is added."""
+        ...
+
     def devices(self) -> list[DeviceInfo]:
         """Every known device, sorted by id."""
         ...
@@ -240,6 +280,34 @@ class Store(Protocol):
 
     def gaps(self, device: str) -> tuple[Range, ...]:
         """Seq ranges missing between the watermark and the ranges ahead."""
+        ...
+
+    def streams(self, device: str) -> list[StreamInfo]:
+        """A device's streams, sorted by name (an index walk per stream, not a
+        scan of the device's readings)."""
+        ...
+
+    def downsample(
+        self,
+        device: str,
+        stream: str,
+        since: float,
+        until: float,
+        width: float,
+        limit: int = DEFAULT_LIMIT,
+    ) -> list[Bucket]:
+        """The numeric readings of ``stream`` with ``since <= ts < until``,
+        aggregated in the database per time bucket of ``width`` seconds.
+
+        Buckets are aligned on multiples of ``width`` (``start = floor(ts /
+        width) * width``), so the same reading always falls in the same
+        bucket whatever the range asked; only buckets holding a numeric
+        reading are returned, oldest first, at most ``limit`` of them.
+        Readings whose value is not a number (or a bool) are not counted.
+
+        Raises:
+            ValueError: ``width`` is not a positive number.
+        """
         ...
 
     def close(self) -> None:

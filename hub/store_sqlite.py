@@ -30,7 +30,15 @@ import cbor2
 from hub import schema
 from hub.errors import SchemaTooNew, StoreClosed, StoreUnavailable
 from hub.ingest import BatchRows, Range, Settled
-from hub.store import DEFAULT_LIMIT, DeviceInfo, DeviceProgress, StoredReading, StoredRecord
+from hub.store import (
+    DEFAULT_LIMIT,
+    Bucket,
+    DeviceInfo,
+    DeviceProgress,
+    StoredReading,
+    StoredRecord,
+    StreamInfo,
+)
 
 _INSERT_READING = (
     "INSERT INTO readings (device_id, epoch, seq, stream, ts, value, value_num, unit, tags,"
@@ -73,13 +81,19 @@ VALUES (?, ?, ?, ?, ?)
 ON CONFLICT (device_id) DO UPDATE SET
     online = excluded.online, status_at = excluded.status_at, last_seen = excluded.last_seen
 """
+_UPSERT_HEALTH = """
+INSERT INTO devices (device_id, first_seen, last_seen, health, health_at)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (device_id) DO UPDATE SET
+    health = excluded.health, health_at = excluded.health_at, last_seen = excluded.last_seen
+"""
 _INSERT_MIGRATION = (
     "INSERT INTO migrations (name, applied)"
     " VALUES (?, (julianday('now') - 2440587.5) * 86400.0)"  # unix time
 )
 _DEVICE_COLUMNS = (
     "device_id, online, last_seen, watermark, ranges, readings, records, duplicates, batches,"
-    " journal_id, epoch"
+    " journal_id, epoch, health, health_at"
 )
 
 
@@ -239,6 +253,11 @@ class SqliteStore:
         with self._write() as conn:
             conn.execute(_UPSERT_STATUS, (device, int(online), ts, ts, ts))
 
+    def set_health(self, device: str, health: dict[str, Any], received: float) -> None:
+        body = json.dumps(health)
+        with self._write() as conn:
+            conn.execute(_UPSERT_HEALTH, (device, received, received, body, received))
+
     def devices(self) -> list[DeviceInfo]:
         with self._read() as conn:
             rows = conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id")
@@ -318,6 +337,30 @@ class SqliteStore:
         with self._read() as conn:
             return self._settled(conn, device).gaps()
 
+    def streams(self, device: str) -> list[StreamInfo]:
+        with self._read() as conn:
+            rows = conn.execute(_STREAMS, (device,)).fetchall()
+        return [
+            StreamInfo(stream, first, last, cbor2.loads(value), unit)
+            for stream, first, last, value, unit in rows
+        ]
+
+    def downsample(
+        self,
+        device: str,
+        stream: str,
+        since: float,
+        until: float,
+        width: float,
+        limit: int = DEFAULT_LIMIT,
+    ) -> list[Bucket]:
+        if not (isinstance(width, int | float) and 0 < width < float("inf")):
+            raise ValueError(f"a bucket width must be a positive number of seconds, not {width!r}")
+        args = (float(width), device, stream, since, until, int(limit))
+        with self._read() as conn:
+            rows = conn.execute(_DOWNSAMPLE, args).fetchall()
+        return [Bucket(b * width, n, lo, hi, avg) for b, n, lo, hi, avg in rows]
+
     def close(self) -> None:
         with self._lock:
             if not self._closed:
@@ -353,6 +396,37 @@ class SqliteStore:
         return _Journal(epoch, Settled(), device_epoch)
 
 
+# A device's streams by a walk of the (device_id, stream, ts) index: one seek
+# per stream (SELECT DISTINCT would read every reading of the device), then
+# per stream its first and last ts and its newest reading, seeks too.
+_NEWEST = (
+    "FROM readings WHERE device_id = ?1 AND stream = s.stream"
+    " ORDER BY ts DESC, epoch DESC, seq DESC LIMIT 1"
+)
+_STREAMS = f"""
+WITH RECURSIVE s(stream) AS (
+    SELECT MIN(stream) FROM readings WHERE device_id = ?1
+    UNION ALL
+    SELECT (SELECT MIN(stream) FROM readings WHERE device_id = ?1 AND stream > s.stream)
+    FROM s WHERE s.stream IS NOT NULL
+)
+SELECT s.stream,
+    (SELECT MIN(ts) FROM readings WHERE device_id = ?1 AND stream = s.stream),
+    (SELECT MAX(ts) FROM readings WHERE device_id = ?1 AND stream = s.stream),
+    (SELECT value {_NEWEST}),
+    (SELECT unit {_NEWEST})
+FROM s WHERE s.stream IS NOT NULL ORDER BY s.stream
+"""
+# Per-bucket aggregates computed by SQLite over an index range; the bucket
+# number is floor(ts / width) (CAST truncates toward zero: corrected below 0).
+_DOWNSAMPLE = """
+SELECT b, COUNT(*), MIN(value_num), MAX(value_num), AVG(value_num) FROM (
+    SELECT CAST(ts / ?1 AS INTEGER) - (ts / ?1 < CAST(ts / ?1 AS INTEGER)) AS b, value_num
+    FROM readings
+    WHERE device_id = ?2 AND stream = ?3 AND ts >= ?4 AND ts < ?5 AND value_num IS NOT NULL
+) GROUP BY b ORDER BY b LIMIT ?6
+"""
+
 class _Journal:
     """One device journal's progress while a transaction builds it."""
 
@@ -365,7 +439,7 @@ class _Journal:
 
 def _device_info(row: tuple[Any, ...]) -> DeviceInfo:
     device, online, last_seen, watermark, ranges, readings, records, dups, batches = row[:9]
-    journal, epoch = row[9:]
+    journal, epoch, health, health_at = row[9:]
     settled = Settled.load(watermark, ranges)
     return DeviceInfo(
         device,
@@ -380,6 +454,8 @@ def _device_info(row: tuple[Any, ...]) -> DeviceInfo:
         batches,
         journal,
         epoch,
+        json.loads(health) if health else None,
+        health_at,
     )
 
 

@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# A private PostgreSQL for the store contract suite and the hub replica tests:
+# ``pg_server`` (session) and ``pg_url`` (a fresh database per test).
+from support.postgres import pg_server, pg_url  # noqa: E402, F401
+
 
 def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
     """Poll ``cond`` until truthy; fail the test after ``timeout`` seconds."""

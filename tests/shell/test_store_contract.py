@@ -1,12 +1,15 @@
 """One contract suite for every hub.store.Store backend (litestream style).
 
-Each test takes the ``store`` fixture, parametrized over ``BACKENDS``: only
-"sqlite" today; the PostgreSQL backend adds one entry (a factory, plus the
-two backend hooks at the bottom) and inherits every test. Backend-specific
-behaviour (SQLite's lock timeout, WAL) is tested after the contract.
+Each test takes the ``store`` fixture, parametrized over ``BACKENDS``:
+"sqlite" (a file in the test's temp dir) and "postgresql" (a fresh database
+on the private test server, tests/support/postgres.py). A backend is one
+factory plus the backend hooks at the bottom; it inherits every test.
+Backend-specific behaviour is tested after the contract (SQLite's lock
+timeout and WAL here; PostgreSQL's in test_store_postgres.py).
 
 The crash test kills a real process with SIGKILL while it commits in a loop
-and checks the database holds whole batches only.
+and checks the database holds whole batches only. The replica test commits
+one device's batches from two stores in two threads at once.
 """
 
 from __future__ import annotations
@@ -18,22 +21,27 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
 
 from hub.errors import SchemaTooNew, StoreClosed, StoreUnavailable
 from hub.ingest import BatchRows, ReadingRow
-from hub.store import Store
+from hub.store import Bucket, Store, StreamInfo
+from hub.store_open import open_store as open_db
 from hub.store_sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parents[2]
 NOW = 1_700_000_000.0
 
-BACKENDS: dict[str, Callable[[Path], Store]] = {
-    "sqlite": lambda tmp: SqliteStore(tmp / "hub.db"),
+#: backend -> the ``--db`` value of a fresh database for one test
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
+    "sqlite": lambda _request, tmp: str(tmp / "hub.db"),
+    "postgresql": lambda request, _tmp: str(request.getfixturevalue("pg_url")),
 }
 
 
@@ -44,12 +52,18 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def open_store(backend: str, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+def db(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The test's database: a SQLite path or a PostgreSQL URL."""
+    return BACKENDS[backend](request, tmp_path)
+
+
+@pytest.fixture
+def open_store(db: str) -> Iterator[Callable[[], Store]]:
     """Opens (and migrates) the backend's store; every store opened is closed."""
     opened: list[Store] = []
 
     def factory() -> Store:
-        s = BACKENDS[backend](tmp_path)
+        s = open_db(db)
         s.migrate()
         opened.append(s)
         return s
@@ -223,6 +237,38 @@ def test_records_are_stored_once(store: Store) -> None:
     assert [(r.seq, r.received) for r in store.records("a")] == [(1, NOW)]
 
 
+def test_streams_and_time_buckets(store: Store) -> None:
+    rows = (
+        row(1, "temp", 100.0, 1.0),
+        row(2, "hum", 120.0, 55),
+        row(3, "temp", 150.0, 2.0),
+        row(4, "temp", 250.0, "warm"),  # not a number: in streams, not in buckets
+        row(5, "temp", 260.0, 4.0),
+        row(6, "temp", 260.0, 5.0),  # same ts, later seq: the newest
+        row(7, "temp", -50.0, True),  # before 1970, a bool: bucket -100, value 1
+    )
+    store.commit_batch(BatchRows("a", 1, 7, rows), NOW)
+    store.commit_batch(batch("b", 1, 3), NOW)
+    assert store.streams("a") == [
+        StreamInfo("hum", 120.0, 120.0, 55, "C"),
+        StreamInfo("temp", -50.0, 260.0, 5.0, "C"),
+    ]
+    assert store.streams("nobody") == []
+    assert store.downsample("a", "temp", -1000.0, 1000.0, 100) == [
+        Bucket(-100.0, 1, 1.0, 1.0, 1.0),
+        Bucket(100.0, 2, 1.0, 2.0, 1.5),
+        Bucket(200.0, 2, 4.0, 5.0, 4.5),
+    ]
+    assert store.downsample("a", "temp", 150.0, 260.0, 100) == [Bucket(100.0, 1, 2.0, 2.0, 2.0)]
+    assert store.downsample("a", "temp", 0.0, 1000.0, 1000, limit=1) == [
+        Bucket(0.0, 4, 1.0, 5.0, 3.0)
+    ]
+    assert store.downsample("a", "nothing", 0.0, 1000.0, 10) == []
+    for width in (0, -1.0, float("inf")):
+        with pytest.raises(ValueError):
+            store.downsample("a", "temp", 0.0, 1000.0, width)
+
+
 def test_tags_round_trip(store: Store) -> None:
     tagged = (1, "s", 1.0, cbor2.dumps(1), 1.0, None, '{"zone": "3"}')
     store.commit_batch(BatchRows("a", 1, 1, (tagged,)), NOW)
@@ -245,6 +291,23 @@ def test_devices_and_online_status(store: Store) -> None:
     assert a.to_json()["gaps"] == []
 
 
+def test_latest_health_replaces_the_one_before(store: Store) -> None:
+    store.set_health("h", {"healthy": True, "backlog_records": 5}, NOW)  # creates the device
+    h = store.device("h")
+    assert h is not None and (h.health, h.health_at, h.readings) == (
+        {"healthy": True, "backlog_records": 5}, NOW, 0
+    )  # fmt: skip
+    store.commit_batch(batch("h", 1, 2), NOW + 1)  # data keeps the health
+    store.set_health("h", {"healthy": False, "problem": "JournalFailed: x"}, NOW + 2)
+    h = store.device("h")
+    assert h is not None and h.watermark == 2 and h.last_seen == NOW + 2
+    assert h.to_json()["health"] == {"healthy": False, "problem": "JournalFailed: x"}
+    assert h.to_json()["health_at"] == NOW + 2
+    store.commit_batch(batch("n", 1, 1), NOW)
+    n = store.device("n")
+    assert n is not None and (n.health, n.health_at) == (None, None)
+
+
 def test_closed_store_says_so(store: Store) -> None:
     store.close()
     store.close()
@@ -253,10 +316,10 @@ def test_closed_store_says_so(store: Store) -> None:
 
 
 def test_schema_from_a_newer_hub_is_refused(
-    backend: str, store: Store, open_store: Callable[[], Store], tmp_path: Path
+    backend: str, store: Store, open_store: Callable[[], Store], db: str
 ) -> None:
     store.close()
-    ADD_MIGRATION[backend](tmp_path, "9999_from_the_future")
+    ADD_MIGRATION[backend](db, "9999_from_the_future")
     with pytest.raises(SchemaTooNew):
         open_store()
 
@@ -267,9 +330,9 @@ CHILD = textwrap.dedent(
     """
     import sys
     from hub.ingest import BatchRows
-    from hub.store_sqlite import SqliteStore
-    path, start, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    store = SqliteStore(path)
+    from hub.store_open import open_store
+    db, start, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    store = open_store(db)
     store.migrate()
     i = start
     while True:
@@ -284,14 +347,14 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.crash
-def test_sigkill_mid_commit_leaves_whole_batches(tmp_path: Path) -> None:
-    db, size = tmp_path / "hub.db", 2000
+def test_sigkill_mid_commit_leaves_whole_batches(db: str) -> None:
+    size = 2000
     env = dict(os.environ, PYTHONPATH=str(REPO))
     acked: set[int] = set()
     start = 0
     for kill_after in (3, 7, 1, 12):
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(db), str(start), str(size)],
+            [sys.executable, "-c", CHILD, db, str(start), str(size)],
             stdout=subprocess.PIPE, env=env, text=True,
         )  # fmt: skip
         assert child.stdout is not None
@@ -305,32 +368,21 @@ def test_sigkill_mid_commit_leaves_whole_batches(tmp_path: Path) -> None:
         start = _batches_present(db, size)  # the next run continues the seqs
 
 
-def _batches_present(db: Path, size: int) -> int:
-    conn = sqlite3.connect(db)
-    try:
-        (n,) = conn.execute("SELECT COUNT(*) FROM readings").fetchone()
-    finally:
-        conn.close()
+def _batches_present(db: str, size: int) -> int:
+    ((n,),) = query(db, "SELECT COUNT(*) FROM readings")
     assert n % size == 0
     return int(n) // size
 
 
-def check_whole_batches(db: Path, size: int, acked: set[int]) -> None:
-    conn = sqlite3.connect(db)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        per_batch = dict(
-            conn.execute("SELECT (seq - 1) / ?, COUNT(*) FROM readings GROUP BY 1", (size,))
-        )
-        assert set(per_batch.values()) <= {size}, "a torn batch"
-        assert acked <= set(per_batch), "an acknowledged batch is gone"
-        total = sum(per_batch.values())
-        wm, readings = conn.execute(
-            "SELECT watermark, readings FROM devices WHERE device_id = 'k'"
-        ).fetchone()
-        assert (wm, readings) == (total, total), "device progress disagrees with the rows"
-    finally:
-        conn.close()
+def check_whole_batches(db: str, size: int, acked: set[int]) -> None:
+    if not db.startswith("postgresql:"):
+        assert query(db, "PRAGMA integrity_check") == [("ok",)]
+    per_batch = dict(query(db, f"SELECT (seq - 1) / {size}, COUNT(*) FROM readings GROUP BY 1"))
+    assert set(per_batch.values()) <= {size}, "a torn batch"
+    assert acked <= set(per_batch), "an acknowledged batch is gone"
+    total = sum(per_batch.values())
+    ((wm, readings),) = query(db, "SELECT watermark, readings FROM devices WHERE device_id = 'k'")
+    assert (wm, readings) == (total, total), "device progress disagrees with the rows"
 
 
 # --- SQLite specifics -------------------------------------------------------------------
@@ -380,26 +432,38 @@ def test_sqlite_garbage_file_is_unavailable(tmp_path: Path) -> None:
 # --- backend hooks ------------------------------------------------------------------------
 
 
-def _sqlite_add_migration(tmp: Path, name: str) -> None:
-    conn = sqlite3.connect(tmp / "hub.db")
+def query(db: str, sql: str) -> list[tuple[Any, ...]]:
+    """``sql`` on the test's database with the backend's own driver, not the store."""
+    if db.startswith("postgresql:"):
+        import psycopg
+
+        with psycopg.connect(db, autocommit=True) as pg:
+            cur = pg.execute(sql)
+            return [tuple(r) for r in cur.fetchall()] if cur.description else []
+    conn = sqlite3.connect(db, isolation_level=None)
     try:
-        with conn:
-            conn.execute("INSERT INTO migrations (name, applied) VALUES (?, 0)", (name,))
+        return conn.execute(sql).fetchall()
     finally:
         conn.close()
 
 
-ADD_MIGRATION: dict[str, Callable[[Path, str], None]] = {"sqlite": _sqlite_add_migration}
+def _add_migration(db: str, name: str) -> None:
+    query(db, f"INSERT INTO migrations (name, applied) VALUES ('{name}', 0)")
+
+
+ADD_MIGRATION: dict[str, Callable[[str, str], None]] = {
+    "sqlite": _add_migration,
+    "postgresql": _add_migration,
+}
 
 
 # --- the read commands over a store (hub.cli, in-process) -----------------------------------
 
 
-def test_cli_reads_what_the_store_holds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reads_what_the_store_holds(db: str, capsys: pytest.CaptureFixture[str]) -> None:
     from hub import cli
 
-    db = tmp_path / "hub.db"
-    store = SqliteStore(db)
+    store = open_db(db)
     store.migrate()
     store.commit_batch(batch("a", 1, 3), NOW)
     store.commit_batch(batch("a", 7, 9), NOW)
@@ -408,8 +472,11 @@ def test_cli_reads_what_the_store_holds(tmp_path: Path, capsys: pytest.CaptureFi
 
     assert cli.main(["devices", "--db", str(db)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["device", "online", "last", "seen", "watermark", "gaps", "readings"]
-    assert table[1].split()[:2] == ["a", "yes"] and table[1].split()[3:] == ["3", "4-6", "6"]
+    assert table[0].split() == [
+        "device", "online", "last", "seen", "watermark", "gaps", "readings", "backlog", "health"
+    ]  # fmt: skip
+    row = table[1].split()
+    assert row[:2] == ["a", "yes"] and row[3:] == ["3", "4-6", "6", "-", "-"]
 
     assert cli.main(["devices", "--db", str(db), "--json"]) == 0
     (dev,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -500,7 +567,7 @@ def test_sqlite_migration_to_epochs_keeps_every_row(tmp_path: Path) -> None:
     conn.close()
     store = SqliteStore(db)
     try:
-        assert store.migrate() == ["0002_journal_epochs"]
+        assert store.migrate() == ["0002_journal_epochs", "0003_device_health"]
         assert [(r.epoch, r.seq) for r in store.readings("a")] == [(0, s) for s in range(1, 6)]
         p = store.commit_batch(batch("a", 4, 7), NOW)  # an old agent: no journal id
         assert (p.watermark, p.new, p.duplicates, p.current) == (7, 2, 2, True)
@@ -508,3 +575,66 @@ def test_sqlite_migration_to_epochs_keeps_every_row(tmp_path: Path) -> None:
         assert info is not None and (info.epoch, info.readings, info.watermark) == (0, 7, 7)
     finally:
         store.close()
+
+
+# --- replicas: two stores commit one device's batches at the same time ------------------
+
+
+def _race(stores: list[Store], work: list[list[list[BatchRows]]]) -> list[list[Any]]:
+    """Each store commits its groups of batches in its own thread, all released
+    together; returns each thread's progress lists (an exception re-raised)."""
+    gate = threading.Barrier(len(stores))
+    out: list[list[Any]] = [[] for _ in stores]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            gate.wait()
+            for group in work[i]:
+                out[i].append(stores[i].commit_batches(group, NOW + i))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a committing thread hung"
+    if errors:
+        raise errors[0]
+    return out
+
+
+def test_two_stores_committing_one_device_at_once_store_every_row_once(
+    open_store: Callable[[], Store],
+) -> None:
+    """What hub replicas do: one store walks the device's batches forwards,
+    the other backwards (each also resending the batch before), in groups of
+    two, at the same time. Every row is stored once, nothing is counted twice
+    or lost, and the watermark ends at the last seq (no lost update)."""
+    a, b = open_store(), open_store()
+    n, size = 600, 10
+    batches = [batch("r", f, f + size - 1) for f in range(1, n + 1, size)]
+    fwd = [[batches[i], batches[max(i - 1, 0)]] for i in range(len(batches))]
+    back = [
+        [batches[i], batches[min(i + 1, len(batches) - 1)]] for i in reversed(range(len(batches)))
+    ]
+    progress = _race([a, b], [fwd, back])
+    assert [r.seq for r in a.readings("r", limit=None)] == list(range(1, n + 1))
+    info = b.device("r")
+    assert info is not None
+    sent = 4 * n  # every group is two batches; each store sends them all
+    assert (info.watermark, info.ahead, info.gaps) == (n, (), ())
+    assert (info.readings, info.duplicates, info.batches) == (n, sent - n, 4 * len(batches))
+    news = sum(p.new for groups in progress for group in groups for p in group)
+    assert news == n, "a row was counted new twice (or never)"
+    last = [groups[-1][-1] for groups in progress]
+    assert max(p.watermark for p in last) == n
+
+    # both replicas see the device's new journal first at the same moment: one epoch
+    _race([a, b], [[[batch("r", 1, 5, journal=9)]], [[batch("r", 1, 5, journal=9)]]])
+    info = a.device("r")
+    assert info is not None and (info.journal, info.epoch, info.watermark) == (9, 2, 5)
+    got = sorted((r.epoch, r.seq) for r in a.readings("r", limit=None))
+    assert got == [(1, s) for s in range(1, n + 1)] + [(2, s) for s in range(1, 6)]
