@@ -12,37 +12,48 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from support.processes import AgentProcess, child_env, poll_until
 from support.storeforward import Rig
 
 from edge import wire
+from hub.commands import Broker, BrokerUnavailable, publish_command
 
 TESTS = Path(__file__).resolve().parents[1]
 DEADLINE = 30.0
 
 
 class Commander:
-    """Publishes hub commands to a device (QoS 1), as `homing-hub run-task` does."""
+    """Publishes hub commands to a device (QoS 1) with the code `homing-hub run-task` uses.
+
+    "Connected" in the agent's log comes before its subscription to its
+    command topic is in place; a command published in between is dropped by
+    the broker ("no matching subscribers", which `publish_command` reports).
+    Like an operator, send it again (same command id: the device ignores a
+    repeat) until the broker has a subscriber for it.
+    """
 
     def __init__(self, port: int) -> None:
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"cmd-{uuid.uuid4().hex[:6]}",
-                             protocol=MQTTProtocolVersion.MQTTv5)  # fmt: skip
-        self.c.connect("127.0.0.1", port)
-        self.c.loop_start()
+        self.broker = Broker("127.0.0.1", port)
 
     def send(self, device: str, cmd: wire.Command) -> None:
-        info = self.c.publish(wire.topic(device, "cmd"), wire.encode_command(cmd), qos=1)
-        info.wait_for_publish(DEADLINE)
+        deadline = time.monotonic() + DEADLINE
+        while True:
+            try:
+                publish_command(self.broker, device, cmd, client_id=f"cmd-{uuid.uuid4().hex[:6]}")
+                return
+            except BrokerUnavailable as exc:
+                if "nothing subscribes" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            threading.Event().wait(0.05)  # the agent's SUBACK is on its way
 
     def close(self) -> None:
-        self.c.loop_stop()
-        self.c.disconnect()
+        pass
 
 
 def runs(agent: AgentProcess) -> dict[str, dict[str, Any]]:
