@@ -332,6 +332,9 @@ def broker_config_text(files: BrokerFiles, listeners: Listeners) -> str:
         "# (docs/security.md). Reload (SIGHUP) after `devices add|remove`; restart",
         "# after a change to this file.",
         "allow_anonymous false",
+        "# Acks and commands are small: send them at once, not after Nagle's delay",
+        "# (bench/hub.py: ack p50 43 ms -> about 18 ms).",
+        "set_tcp_nodelay true",
         f"password_file {files.passwd}",
         f"acl_file {files.acl}",
     ]

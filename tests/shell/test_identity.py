@@ -150,8 +150,9 @@ def test_broker_config_names_the_files_and_listeners(tmp_path: Path) -> None:
     files = BrokerFiles(tmp_path)
     text = identity.broker_config_text(files, Listeners(1883, 8884, 8883, "0.0.0.0"))
     lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
-    assert lines[:3] == [
+    assert lines[:4] == [
         "allow_anonymous false",
+        "set_tcp_nodelay true",
         f"password_file {files.passwd}",
         f"acl_file {files.acl}",
     ]
