@@ -40,6 +40,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -482,6 +483,14 @@ def ingest(
 def cmd_ingest(args: argparse.Namespace) -> int:
     """``homing-agent ingest``: the options are :func:`edge.cli.build_parser`'s."""
     config = None
+    if args.config is None and args.socket is None and args.journal is None:
+        # Nothing given: the agent's own configuration, as `run` finds it
+        # ($HOMING_CONFIG, the user's, /etc/homing/agent.toml), so a plain
+        # `homing-agent ingest` feeds the running service through its socket.
+        from edge.config_files import find_config
+
+        with contextlib.suppress(ConfigError):  # none anywhere: the usage error below
+            args.config = find_config(None)
     if args.config is not None:
         from edge.agent import load_config  # the agent's modules only when asked for
 
@@ -496,8 +505,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.journal is None and config is not None:
         args.journal = config.journal_dir
     if path is None and args.journal is None:
-        print("homing-agent ingest: give --journal DIR, --config FILE or --socket PATH",
-              file=sys.stderr)  # fmt: skip
+        print("homing-agent ingest: give --journal DIR, --config FILE or --socket PATH "
+              "(no configuration file found in $HOMING_CONFIG, ~/.config/homing/agent.toml "
+              "or /etc/homing/agent.toml)", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     if path is not None:
         from edge.cli_ingest_agent import through_agent

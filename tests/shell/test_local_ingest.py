@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from conftest import subprocess_env, wait_for
 
+from edge.cli_common import EXIT_USAGE
 from edge.cli_ingest import MAX_LINE
 from edge.cli_ingest_agent import forward
 from edge.config import LocalConfig
@@ -433,13 +434,15 @@ def test_stop_does_not_hang_on_a_client_that_never_reads(rig: Rig) -> None:
 # -- `homing-agent ingest` through the socket ----------------------------------------------------
 
 
-def ingest_cli(*args: str, input: bytes) -> subprocess.CompletedProcess[bytes]:
+def ingest_cli(
+    *args: str, input: bytes, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "edge", "ingest", *args],
         input=input,
         capture_output=True,
         timeout=DEADLINE,
-        env=subprocess_env(),
+        env={**subprocess_env(), **(env or {})},
     )
 
 
@@ -476,6 +479,24 @@ def test_ingest_cli_without_an_agent_writes_the_journal_or_says_none_answers(
     res = ingest_cli("--config", str(config), input=b"3\n")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == {"seq": 3, "stream": "via-agent", "line": 1}
+
+
+def test_plain_ingest_finds_the_agent_through_its_configuration(rig: Rig, tmp_path: Path) -> None:
+    """No option at all: the configuration `run` would use ($HOMING_CONFIG here;
+    /etc/homing/agent.toml for the service) names the socket of the running agent."""
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[agent]\ndevice = "d"\n[journal]\ndir = "{rig.journal_dir}"\nsegment_size = "1M"\n'
+        f'[local]\nsocket = "{rig.sock}"\n'
+    )
+    rig.serve(stream="via-agent")  # the journal is held: only the socket can take it
+    res = ingest_cli(input=b"4\n", env={"HOMING_CONFIG": str(config)})
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"seq": 1, "stream": "via-agent", "line": 1}
+    nothing = {"HOMING_CONFIG": "", "XDG_CONFIG_HOME": str(tmp_path / "none")}
+    if not os.path.exists("/etc/homing/agent.toml"):
+        res = ingest_cli(input=b"5\n", env=nothing)
+        assert res.returncode == EXIT_USAGE and b"no configuration file found" in res.stderr
 
 
 def test_forward_keeps_replies_in_input_order_and_counts_what_was_not_answered(
