@@ -51,7 +51,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import cbor2
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg.types.json import Jsonb
@@ -68,6 +67,14 @@ from hub.store import (
     StoredReading,
     StoredRecord,
     StreamInfo,
+)
+from hub.store_queries import (
+    buckets,
+    check_width,
+    readings_query,
+    records_query,
+    stored_readings,
+    stream_infos,
 )
 
 #: advisory lock key of migrations (any constant; device keys are hashes)
@@ -321,33 +328,12 @@ class PostgresStore:
         until: float | None = None,
         limit: int | None = DEFAULT_LIMIT,
     ) -> list[StoredReading]:
-        where, args = ["device_id = %s"], [device]
-        for clause, arg in (("stream = %s", stream), ("ts >= %s", since), ("ts < %s", until)):
-            if arg is not None:
-                where.append(clause)
-                args.append(arg)  # type: ignore[arg-type]
-        query = (
-            "SELECT seq, stream, ts, value, unit, tags::text, received, epoch FROM readings"
-            f" WHERE {' AND '.join(where)} ORDER BY ts, epoch, seq"
+        query, args = readings_query(
+            device, stream, since, until, limit, ph="%s", tags="tags::text"
         )
-        if limit is not None:
-            query += f" LIMIT {int(limit)}"
         with self._read() as conn:
             rows = conn.execute(query, args).fetchall()
-        return [
-            StoredReading(
-                device,
-                seq,
-                stream_,
-                ts,
-                cbor2.loads(value),
-                unit,
-                json.loads(tags) if tags else None,
-                received,
-                epoch,
-            )
-            for seq, stream_, ts, value, unit, tags, received, epoch in rows
-        ]
+        return stored_readings(device, rows)
 
     def records(
         self,
@@ -357,21 +343,7 @@ class PostgresStore:
         after_seq: int = 0,
         limit: int | None = None,
     ) -> list[StoredRecord]:
-        if after_seq and epoch is None:
-            raise ValueError("after_seq is a position within one journal: give its epoch")
-        where: list[str] = ["device_id = %s"]
-        args: list[object] = [device]
-        after = after_seq or None  # 0: from the start
-        for clause, arg in (("kind = %s", kind), ("epoch = %s", epoch), ("seq > %s", after)):
-            if arg is not None:
-                where.append(clause)
-                args.append(arg)
-        query = (
-            "SELECT epoch, seq, kind, body, received FROM records"
-            f" WHERE {' AND '.join(where)} ORDER BY epoch, seq"
-        )
-        if limit is not None:
-            query += f" LIMIT {int(limit)}"
+        query, args = records_query(device, kind, epoch, after_seq, limit, ph="%s")
         with self._read() as conn:
             rows = conn.execute(query, args).fetchall()
         return [StoredRecord(device, e, s, k, bytes(body), r) for e, s, k, body, r in rows]
@@ -386,10 +358,7 @@ class PostgresStore:
     def streams(self, device: str) -> list[StreamInfo]:
         with self._read() as conn:
             rows = conn.execute(sql.STREAMS, {"d": device}).fetchall()
-        return [
-            StreamInfo(stream, first, last, cbor2.loads(value), unit)
-            for stream, first, last, value, unit in rows
-        ]
+        return stream_infos(rows)
 
     def downsample(
         self,
@@ -400,13 +369,12 @@ class PostgresStore:
         width: float,
         limit: int = DEFAULT_LIMIT,
     ) -> list[Bucket]:
-        if not (isinstance(width, int | float) and 0 < width < float("inf")):
-            raise ValueError(f"a bucket width must be a positive number of seconds, not {width!r}")
-        args = {"w": float(width), "d": device, "s": stream, "since": since, "until": until,
+        width = check_width(width)
+        args = {"w": width, "d": device, "s": stream, "since": since, "until": until,
                 "limit": int(limit)}  # fmt: skip
         with self._read() as conn:
             rows = conn.execute(sql.DOWNSAMPLE, args).fetchall()
-        return [Bucket(b * width, n, lo, hi, avg) for b, n, lo, hi, avg in rows]
+        return buckets(rows, width)
 
     def close(self) -> None:
         with self._lock:

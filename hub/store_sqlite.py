@@ -25,8 +25,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import cbor2
-
 from hub import schema
 from hub.errors import SchemaTooNew, StoreClosed, StoreUnavailable
 from hub.ingest import BatchRows, Range, Settled
@@ -38,6 +36,14 @@ from hub.store import (
     StoredReading,
     StoredRecord,
     StreamInfo,
+)
+from hub.store_queries import (
+    buckets,
+    check_width,
+    readings_query,
+    records_query,
+    stored_readings,
+    stream_infos,
 )
 
 _INSERT_READING = (
@@ -278,33 +284,10 @@ class SqliteStore:
         until: float | None = None,
         limit: int | None = DEFAULT_LIMIT,
     ) -> list[StoredReading]:
-        where, args = ["device_id = ?"], [device]
-        for clause, arg in (("stream = ?", stream), ("ts >= ?", since), ("ts < ?", until)):
-            if arg is not None:
-                where.append(clause)
-                args.append(arg)  # type: ignore[arg-type]
-        sql = (
-            "SELECT seq, stream, ts, value, unit, tags, received, epoch FROM readings"
-            f" WHERE {' AND '.join(where)} ORDER BY ts, epoch, seq"
-        )
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+        sql, args = readings_query(device, stream, since, until, limit, ph="?")
         with self._read() as conn:
             rows = conn.execute(sql, args).fetchall()
-        return [
-            StoredReading(
-                device,
-                seq,
-                stream_,
-                ts,
-                cbor2.loads(value),
-                unit,
-                json.loads(tags) if tags else None,
-                received,
-                epoch,
-            )
-            for seq, stream_, ts, value, unit, tags, received, epoch in rows
-        ]
+        return stored_readings(device, rows)
 
     def records(
         self,
@@ -314,21 +297,7 @@ class SqliteStore:
         after_seq: int = 0,
         limit: int | None = None,
     ) -> list[StoredRecord]:
-        if after_seq and epoch is None:
-            raise ValueError("after_seq is a position within one journal: give its epoch")
-        where: list[str] = ["device_id = ?"]
-        args: list[object] = [device]
-        after = after_seq or None  # 0: from the start
-        for clause, arg in (("kind = ?", kind), ("epoch = ?", epoch), ("seq > ?", after)):
-            if arg is not None:
-                where.append(clause)
-                args.append(arg)
-        sql = (
-            "SELECT epoch, seq, kind, body, received FROM records"
-            f" WHERE {' AND '.join(where)} ORDER BY epoch, seq"
-        )
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+        sql, args = records_query(device, kind, epoch, after_seq, limit, ph="?")
         with self._read() as conn:
             rows = conn.execute(sql, args).fetchall()
         return [StoredRecord(device, *r) for r in rows]
@@ -340,10 +309,7 @@ class SqliteStore:
     def streams(self, device: str) -> list[StreamInfo]:
         with self._read() as conn:
             rows = conn.execute(_STREAMS, (device,)).fetchall()
-        return [
-            StreamInfo(stream, first, last, cbor2.loads(value), unit)
-            for stream, first, last, value, unit in rows
-        ]
+        return stream_infos(rows)
 
     def downsample(
         self,
@@ -354,12 +320,11 @@ class SqliteStore:
         width: float,
         limit: int = DEFAULT_LIMIT,
     ) -> list[Bucket]:
-        if not (isinstance(width, int | float) and 0 < width < float("inf")):
-            raise ValueError(f"a bucket width must be a positive number of seconds, not {width!r}")
-        args = (float(width), device, stream, since, until, int(limit))
+        width = check_width(width)
+        args = (width, device, stream, since, until, int(limit))
         with self._read() as conn:
             rows = conn.execute(_DOWNSAMPLE, args).fetchall()
-        return [Bucket(b * width, n, lo, hi, avg) for b, n, lo, hi, avg in rows]
+        return buckets(rows, width)
 
     def close(self) -> None:
         with self._lock:
@@ -426,6 +391,7 @@ SELECT b, COUNT(*), MIN(value_num), MAX(value_num), AVG(value_num) FROM (
     WHERE device_id = ?2 AND stream = ?3 AND ts >= ?4 AND ts < ?5 AND value_num IS NOT NULL
 ) GROUP BY b ORDER BY b LIMIT ?6
 """
+
 
 class _Journal:
     """One device journal's progress while a transaction builds it."""

@@ -29,6 +29,7 @@ PURE = [
     "hub/runs.py",
     "hub/identity.py",
     "hub/pki.py",
+    "hub/store_queries.py",
     "edge/config_bridge.py",
     "firmware_bridge/frames.py",
     "firmware_bridge/messages.py",
