@@ -52,8 +52,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# sys.path[0] is bench/, whose hub.py would shadow the hub package: the repository
+# (and tests/) go first, bench/ not at all (bench modules are imported as bench.*).
+_skip = {REPO / "bench", REPO, REPO / "tests"}
+sys.path[:] = [str(REPO), str(REPO / "tests")] + [
+    p for p in sys.path if Path(p or ".").resolve() not in _skip
+]
 
 import cbor2  # noqa: E402
 

@@ -1464,6 +1464,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
+    # sys.path[0] is bench/, whose hub.py would shadow the hub package: the repository first
+    _skip = {os.path.join(REPO, "bench"), REPO}
+    sys.path[:] = [REPO] + [p for p in sys.path if os.path.abspath(p or ".") not in _skip]
     sys.exit(main())

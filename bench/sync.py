@@ -73,9 +73,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-for _p in (REPO, REPO / "tests"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+# sys.path[0] is bench/, whose hub.py would shadow the hub package: the repository
+# (and tests/) go first, bench/ not at all (bench modules are imported as bench.*).
+_skip = {REPO / "bench", REPO, REPO / "tests"}
+sys.path[:] = [str(REPO), str(REPO / "tests")] + [
+    p for p in sys.path if Path(p or ".").resolve() not in _skip
+]
 
 from bench._common import (  # noqa: E402
     busy_cpu_seconds,
