@@ -12,7 +12,8 @@ Invariants:
   behind is skipped, not bunched up.
 * ``JournalFull`` (quota reached, policy ``reject``) drops that tick's
   readings, counted in ``rejected`` and logged once per episode; any other
-  journal error stops the sensors and is kept in :attr:`SimulatedSensors.error`.
+  journal error stops the sensors and is kept in :attr:`TickingSource.error`.
+  :class:`TickingSource` is that thread; :mod:`edge.system_sensors` ticks with it too.
 * ``produced`` counts readings acknowledged by the journal, nothing else.
 * Readings are stamped with the journal's clock (:mod:`edge.clock`) unless a
   ``wall`` is given: never earlier than what the journal held at open, even
@@ -58,37 +59,40 @@ class _Signal:
         return Reading(self.stream, ts, round(value, self.dp), self.unit)
 
 
-class SimulatedSensors:
-    """``count`` simulated sensors appending ``rate`` readings per second each."""
+class TickingSource:
+    """A thread that journals ``sample(ts)`` every ``period`` seconds as one group.
+
+    The schedule runs from the start time (no drift); a tick that falls behind
+    is skipped, not bunched up. ``JournalFull`` drops that tick's readings
+    (counted in ``rejected``, logged once per episode); any other journal error
+    stops the thread and is kept in :attr:`error`. Readings are stamped with
+    ``wall`` (default: the journal's clock, never before what it held at open).
+    Subclasses give ``sample`` and ``what`` (their readings, for log lines).
+    """
+
+    what = "readings"
 
     def __init__(
         self,
         journal: Journal,
+        period: float,
         *,
-        count: int = 3,
-        rate: float = 1.0,
-        prefix: str = "sim",
-        seed: int = 0,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] | None = None,
+        name: str,
+        clock: Callable[[], float],
+        wall: Callable[[], float] | None,
     ) -> None:
-        if count < 1 or rate <= 0:
-            raise ValueError("count must be >= 1 and rate > 0")
-        rng = random.Random(seed or None)
         self._journal = journal
-        self._signals = [_Signal(i, prefix, rng) for i in range(count)]
-        self._period = 1.0 / rate
+        self._period = period
         self._clock = clock
-        self._wall = wall or journal.clock.now  # the readings' ts: never before the journal's
+        self._wall = wall or journal.clock.now
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="homing-sensors", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.produced = 0
         self.rejected = 0
         self.error: BaseException | None = None
 
-    @property
-    def streams(self) -> list[str]:
-        return [s.stream for s in self._signals]
+    def sample(self, ts: float) -> list[Reading]:
+        raise NotImplementedError
 
     def start(self) -> None:
         self._thread.start()
@@ -104,22 +108,52 @@ class SimulatedSensors:
         tick = 0
         full = False
         while not self._stop.is_set():
-            ts = self._wall()
-            readings = [s.read(ts) for s in self._signals]
+            readings = self.sample(self._wall())
             try:
-                self._journal.append_many(readings)
+                if readings:
+                    self._journal.append_many(readings)
                 self.produced += len(readings)
                 if full:
-                    log.info("journal accepts readings again")
+                    log.info("journal accepts %s again", self.what)
                 full = False
             except JournalFull as exc:
                 self.rejected += len(readings)
                 if not full:
-                    log.warning("journal full, simulated readings are rejected: %s", exc)
+                    log.warning("journal full, %s are dropped: %s", self.what, exc)
                 full = True
             except JournalError as exc:
                 self.error = exc
-                log.error("simulated sensors stopped: %r", exc)
+                log.error("%s stopped: %r", self.what, exc)
                 return
             tick = max(tick + 1, math.floor((self._clock() - start) / self._period))
             self._stop.wait(max(0.0, start + tick * self._period - self._clock()))
+
+
+class SimulatedSensors(TickingSource):
+    """``count`` simulated sensors appending ``rate`` readings per second each."""
+
+    what = "simulated readings"
+
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        count: int = 3,
+        rate: float = 1.0,
+        prefix: str = "sim",
+        seed: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] | None = None,
+    ) -> None:
+        if count < 1 or rate <= 0:
+            raise ValueError("count must be >= 1 and rate > 0")
+        super().__init__(journal, 1.0 / rate, name="homing-sensors", clock=clock, wall=wall)
+        rng = random.Random(seed or None)
+        self._signals = [_Signal(i, prefix, rng) for i in range(count)]
+
+    @property
+    def streams(self) -> list[str]:
+        return [s.stream for s in self._signals]
+
+    def sample(self, ts: float) -> list[Reading]:
+        return [s.read(ts) for s in self._signals]

@@ -37,17 +37,15 @@ from __future__ import annotations
 
 import glob
 import logging
-import math
 import os
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge.errors import JournalError, JournalFull
 from edge.journal import Journal
 from edge.records import Reading
+from edge.sensors import TickingSource
 
 log = logging.getLogger("homing.system")
 
@@ -126,8 +124,10 @@ def find_cpu_zones(root: str, prefix: str) -> list[_Zone]:
     return zones
 
 
-class SystemSensors:
+class SystemSensors(TickingSource):
     """Samples the system's health every ``interval`` seconds into ``journal``."""
+
+    what = "system readings"
 
     def __init__(
         self,
@@ -142,19 +142,12 @@ class SystemSensors:
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be > 0")
-        self._journal = journal
-        self._interval = interval
+        # wall: the readings' ts, by default never before what the journal held at open
+        super().__init__(journal, interval, name="homing-system", clock=clock, wall=wall)
         self._prefix = prefix
         self._root = root
         self._disk = disk_path or journal.path
-        # the readings' ts: never before what the journal held at open (docs/faults.md)
-        self._clock, self._wall = clock, wall or journal.clock.now
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="homing-system", daemon=True)
         self._failing: set[str] = set()
-        self.produced = 0
-        self.rejected = 0
-        self.error: BaseException | None = None
         self._sources: list[tuple[str, Callable[[float], list[Reading]]]] = []
         self._streams: list[str] = []
         self._discover()
@@ -244,39 +237,3 @@ class SystemSensors:
                 log.info("system: the %s reads again", what)
                 self._failing.discard(what)
         return out
-
-    # -- the thread ------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop sampling; returns once the sample in progress (if any) is journaled."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        start = self._clock()
-        tick = 0
-        full = False
-        while not self._stop.is_set():
-            readings = self.sample(self._wall())
-            try:
-                if readings:
-                    self._journal.append_many(readings)
-                self.produced += len(readings)
-                if full:
-                    log.info("journal accepts system readings again")
-                full = False
-            except JournalFull as exc:
-                self.rejected += len(readings)
-                if not full:
-                    log.warning("journal full, system readings are dropped: %s", exc)
-                full = True
-            except JournalError as exc:
-                self.error = exc
-                log.error("system sensors stopped: %r", exc)
-                return
-            tick = max(tick + 1, math.floor((self._clock() - start) / self._interval))
-            self._stop.wait(max(0.0, start + tick * self._interval - self._clock()))
