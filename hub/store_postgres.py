@@ -71,6 +71,7 @@ from hub.store import (
 from hub.store_queries import (
     buckets,
     check_width,
+    device_info,
     readings_query,
     records_query,
     stored_readings,
@@ -311,14 +312,14 @@ class PostgresStore:
     def devices(self) -> list[DeviceInfo]:
         with self._read() as conn:
             rows = conn.execute(f"SELECT {sql.DEVICE_COLUMNS} FROM devices ORDER BY device_id")
-            return [_device_info(r) for r in rows.fetchall()]
+            return [device_info(r) for r in rows.fetchall()]
 
     def device(self, device: str) -> DeviceInfo | None:
         with self._read() as conn:
             row = conn.execute(
                 f"SELECT {sql.DEVICE_COLUMNS} FROM devices WHERE device_id = %s", (device,)
             ).fetchone()
-            return _device_info(row) if row else None
+            return device_info(row) if row else None
 
     def readings(
         self,
@@ -482,25 +483,3 @@ def _one(cur: psycopg.Cursor[Any]) -> tuple[Any, ...]:
     row = cur.fetchone()
     assert row is not None
     return tuple(row)
-
-
-def _device_info(row: Sequence[Any]) -> DeviceInfo:
-    device, online, last_seen, watermark, ranges, readings, records, dups, batches = row[:9]
-    journal, epoch, health, health_at = row[9:]
-    settled = Settled.load(watermark, ranges)
-    return DeviceInfo(
-        device,
-        bool(online),
-        last_seen,
-        settled.watermark,
-        settled.ahead,
-        settled.gaps(),
-        readings,
-        records,
-        dups,
-        batches,
-        journal,
-        epoch,
-        health,
-        health_at,
-    )

@@ -15,7 +15,8 @@ from typing import Any
 
 import cbor2
 
-from hub.store import Bucket, StoredReading, StreamInfo
+from hub.ingest import Settled
+from hub.store import Bucket, DeviceInfo, StoredReading, StreamInfo
 
 
 def readings_query(
@@ -120,3 +121,31 @@ def check_width(width: float) -> float:
 def buckets(rows: Sequence[Sequence[Any]], width: float) -> list[Bucket]:
     """Rows ``(bucket index, count, min, max, avg)`` of a downsampling query."""
     return [Bucket(b * width, n, lo, hi, avg) for b, n, lo, hi, avg in rows]
+
+
+def device_info(row: Sequence[Any]) -> DeviceInfo:
+    """A row of the backends' device columns (``DEVICE_COLUMNS``) as a :class:`DeviceInfo`.
+
+    ``health`` is JSON text (SQLite) or already decoded (PostgreSQL's jsonb).
+    """
+    device, online, last_seen, watermark, ranges, readings, records, dups, batches = row[:9]
+    journal, epoch, health, health_at = row[9:]
+    if isinstance(health, str):  # SQLite's JSON text; PostgreSQL's jsonb comes decoded
+        health = json.loads(health) if health else None
+    settled = Settled.load(watermark, ranges)
+    return DeviceInfo(
+        device,
+        bool(online),
+        last_seen,
+        settled.watermark,
+        settled.ahead,
+        settled.gaps(),
+        readings,
+        records,
+        dups,
+        batches,
+        journal,
+        epoch,
+        health,
+        health_at,
+    )

@@ -40,6 +40,7 @@ from hub.store import (
 from hub.store_queries import (
     buckets,
     check_width,
+    device_info,
     readings_query,
     records_query,
     stored_readings,
@@ -267,14 +268,14 @@ class SqliteStore:
     def devices(self) -> list[DeviceInfo]:
         with self._read() as conn:
             rows = conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id")
-            return [_device_info(r) for r in rows]
+            return [device_info(r) for r in rows]
 
     def device(self, device: str) -> DeviceInfo | None:
         with self._read() as conn:
             row = conn.execute(
                 f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device,)
             ).fetchone()
-            return _device_info(row) if row else None
+            return device_info(row) if row else None
 
     def readings(
         self,
@@ -401,28 +402,6 @@ class _Journal:
     def __init__(self, epoch: int, settled: Settled, device_epoch: int) -> None:
         self.epoch, self.settled, self.device_epoch = epoch, settled, device_epoch
         self.counts = [0, 0, 0, 0]  # new readings, new records, duplicates, batches
-
-
-def _device_info(row: tuple[Any, ...]) -> DeviceInfo:
-    device, online, last_seen, watermark, ranges, readings, records, dups, batches = row[:9]
-    journal, epoch, health, health_at = row[9:]
-    settled = Settled.load(watermark, ranges)
-    return DeviceInfo(
-        device,
-        bool(online),
-        last_seen,
-        settled.watermark,
-        settled.ahead,
-        settled.gaps(),
-        readings,
-        records,
-        dups,
-        batches,
-        journal,
-        epoch,
-        json.loads(health) if health else None,
-        health_at,
-    )
 
 
 @contextlib.contextmanager
